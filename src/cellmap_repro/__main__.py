@@ -1,0 +1,3 @@
+from cellmap_repro.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,86 @@
+"""`cellmap-repro <stage>`: one subcommand per pipeline stage.
+
+Each stage module exposes ``register(subparsers)``, which adds its subcommand and
+sets ``func`` on the parser; this file only wires them together and turns
+:class:`ReproError` into one clear line and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+from cellmap_repro import __version__
+from cellmap_repro.errors import ReproError
+
+# Module names under cellmap_repro, in the order `--help` lists them.
+STAGE_MODULES = (
+    "tiny_crop",
+    "fetch",
+    "datasplit",
+    "model",
+    "train",
+    "predict",
+    "process",
+    "evaluate",
+    "pack",
+    "tensorboard",
+    "repro",
+    "smoke",
+    "gpu",
+)
+
+EXIT_USER_ERROR = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cellmap-repro",
+        description="Reproducible CellMap Segmentation Challenge experiments.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log library messages too")
+    subparsers = parser.add_subparsers(dest="stage", metavar="<stage>")
+    for name in STAGE_MODULES:
+        try:
+            module = importlib.import_module(f"cellmap_repro.{name}")
+        except ModuleNotFoundError as exc:
+            # A stage whose module is not written yet is simply not offered.
+            if exc.name == f"cellmap_repro.{name}":
+                continue
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USER_ERROR
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if not args.verbose:
+        # cellmap-data logs per-array warnings that are noise for a user.
+        logging.getLogger("cellmap_data").setLevel(logging.ERROR)
+    try:
+        result = args.func(args)
+    except ReproError as exc:
+        print(f"cellmap-repro: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("cellmap-repro: interrupted", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        # Disk full, permission denied and the like: the OS message names the file.
+        if os.environ.get("CELLMAP_REPRO_TRACEBACK"):
+            raise
+        print(f"cellmap-repro: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return int(result or 0)

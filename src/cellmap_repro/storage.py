@@ -1,0 +1,193 @@
+"""Atomic file output, hashing, and OME-NGFF 0.4 multiscale metadata on zarr v2.
+
+Every stage writes through these helpers so that an interrupted or failed write never
+leaves a file or a zarr array that looks complete: files go to a temporary name in the
+same directory and are renamed into place; zarr outputs are built in a ``*.partial``
+directory and renamed when finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import zarr
+from pydantic_ome_ngff.v04.axis import Axis
+from pydantic_ome_ngff.v04.multiscale import Dataset, MultiscaleMetadata
+from pydantic_ome_ngff.v04.transform import VectorScale, VectorTranslation
+
+from cellmap_repro.errors import ReproError
+
+AXES = ("z", "y", "x")
+PARTIAL_SUFFIX = ".partial"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_output_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it into place on success only."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_directory(path: Path) -> Iterator[Path]:
+    """Build a directory at ``path + '.partial'`` and rename it to ``path`` on success.
+
+    A stale ``.partial`` from an earlier interrupted run is removed first; an existing
+    complete ``path`` is replaced only after the new one is complete.
+    """
+    path = Path(path)
+    partial = path.with_name(path.name + PARTIAL_SUFFIX)
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if path.exists():
+        old = path.with_name(path.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(partial, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(partial, path)
+
+
+def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk_size):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class ScaleLevel:
+    """One level of an OME-NGFF multiscale group: array path, voxel size and offset (nm, zyx)."""
+
+    path: str
+    scale: tuple[float, ...]
+    translation: tuple[float, ...]
+
+
+def multiscale_attrs(levels: Sequence[ScaleLevel], name: str | None = None) -> dict:
+    """OME-NGFF 0.4 ``multiscales`` attributes for a group holding ``levels``."""
+    metadata = MultiscaleMetadata(
+        version="0.4",
+        name=name,
+        axes=[Axis(name=a, type="space", unit="nanometer") for a in AXES],
+        datasets=[
+            Dataset(
+                path=level.path,
+                coordinateTransformations=(
+                    VectorScale(type="scale", scale=[float(s) for s in level.scale]),
+                    VectorTranslation(
+                        type="translation", translation=[float(t) for t in level.translation]
+                    ),
+                ),
+            )
+            for level in levels
+        ],
+    )
+    return {"multiscales": [metadata.model_dump(mode="json", exclude_none=True)]}
+
+
+def read_levels(group_path: Path | str, where: str | None = None) -> list[ScaleLevel]:
+    """Scale levels of an OME-NGFF multiscale group on disk, finest first."""
+    group_path = Path(group_path)
+    attrs_file = group_path / ".zattrs"
+    label = where or str(group_path)
+    if not attrs_file.exists():
+        raise ReproError(f"{label}: not a multiscale zarr group (no .zattrs at {group_path})")
+    try:
+        attrs = json.loads(attrs_file.read_text())
+        datasets = attrs["multiscales"][0]["datasets"]
+        levels = []
+        for entry in datasets:
+            transforms = {t["type"]: t for t in entry["coordinateTransformations"]}
+            scale = tuple(float(s) for s in transforms["scale"]["scale"])
+            translation = tuple(
+                float(t) for t in transforms.get("translation", {"translation": [0.0] * len(scale)})["translation"]
+            )
+            levels.append(ScaleLevel(entry["path"], scale, translation))
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        raise ReproError(f"{label}: malformed OME-NGFF multiscales attributes in {attrs_file} ({exc})") from None
+    return sorted(levels, key=lambda level: max(level.scale))
+
+
+def find_level(levels: Sequence[ScaleLevel], scale: Sequence[float], where: str) -> ScaleLevel:
+    """The level whose voxel size equals ``scale`` (within 1 %), or a clear error."""
+    for level in levels:
+        if all(abs(a - b) <= 0.01 * b for a, b in zip(level.scale, scale)):
+            return level
+    available = ", ".join(f"{l.path}={list(l.scale)}" for l in levels) or "none"
+    raise ReproError(
+        f"{where}: no scale level with voxel size {list(scale)} nm (available: {available})"
+    )
+
+
+def write_multiscale_group(
+    group_path: Path,
+    levels: Sequence[tuple[ScaleLevel, "zarr.Array | object"]],
+    attrs: dict | None = None,
+) -> None:
+    """Write an OME-NGFF group whose arrays already exist under ``group_path``'s store."""
+    group = zarr.open_group(str(group_path), mode="a")
+    group.attrs.update({**multiscale_attrs([level for level, _ in levels]), **(attrs or {})})
+
+
+def open_group_readonly(path: Path | str, where: str) -> zarr.Group:
+    path = Path(path)
+    if not path.exists():
+        raise ReproError(f"{where}: path does not exist: {path}")
+    try:
+        return zarr.open_group(str(path), mode="r")
+    except Exception as exc:  # zarr raises several types for a non-group
+        raise ReproError(f"{where}: not a zarr group: {path} ({exc})") from None
