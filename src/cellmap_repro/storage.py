@@ -29,10 +29,18 @@ AXES = ("z", "y", "x")
 PARTIAL_SUFFIX = ".partial"
 
 
+def _umask_mode() -> int:
+    # mkstemp creates 0600 files; outputs should get the permissions any new file gets.
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.chmod(tmp, _umask_mode())
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -60,6 +68,7 @@ def atomic_output_path(path: Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, _umask_mode())
     try:
         yield Path(tmp)
         os.replace(tmp, path)

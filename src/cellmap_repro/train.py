@@ -1,0 +1,324 @@
+"""`cellmap-repro train`: train an experiment, resumable and bit-for-bit repeatable.
+
+The loop is deliberately small; data, checkpoints, logs, determinism and the run
+manifest each live in their own module. Loss: the experiment's criterion (BCE with
+logits) per voxel with ``pos_weight`` = background/foreground ratio per class, averaged
+over the voxels whose target is known (NaN = unknown, see true-negative masking).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cellmap_repro import checkpoint, determinism, manifest, settings
+from cellmap_repro.errors import ReproError
+
+# Fault injection for `verify` and the tests: SIGKILL this process right after the
+# optimizer step of the given iteration, as a crash or a killed job would.
+KILL_AT_ENV = "CELLMAP_REPRO_SIGKILL_AT_ITERATION"
+
+
+@dataclass
+class Overrides:
+    """Command-line changes to the experiment's training settings (recorded in the manifest)."""
+
+    epochs: int | None = None
+    iterations_per_epoch: int | None = None
+    batch_size: int | None = None
+    validation_batches: int | None = None
+    seed: int | None = None
+    checkpoint_every: int | None = None
+    num_workers: int | None = None
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+@dataclass
+class Settings:
+    epochs: int
+    iterations_per_epoch: int
+    batch_size: int
+    validation_batches: int
+    seed: int
+    checkpoint_every: int
+    num_workers: int
+    threads: int
+
+    @classmethod
+    def resolve(cls, config, overrides: Overrides, threads: int) -> "Settings":
+        env_seed = os.environ.get("SEED")
+        seed = overrides.seed if overrides.seed is not None else int(env_seed) if env_seed else config.random_seed
+        pick = lambda name: getattr(overrides, name) if getattr(overrides, name) is not None else getattr(config, name)  # noqa: E731
+        iterations = pick("iterations_per_epoch")
+        return cls(
+            epochs=pick("epochs"),
+            iterations_per_epoch=iterations,
+            batch_size=pick("batch_size"),
+            validation_batches=pick("validation_batches"),
+            seed=seed,
+            checkpoint_every=overrides.checkpoint_every or min(100, iterations),
+            num_workers=pick("num_workers"),
+            threads=threads,
+        )
+
+
+@dataclass
+class TrainResult:
+    iteration: int
+    epoch: int
+    checkpoints_dir: Path
+    tensorboard_dir: Path
+    manifest_path: Path
+    checkpoint_hashes: dict = field(default_factory=dict)
+
+
+def masked_loss(criterion, logits, target):
+    """Mean loss over known voxels; NaN targets (unknown) contribute nothing."""
+    import torch
+
+    known = ~torch.isnan(target)
+    per_voxel = criterion(logits, torch.nan_to_num(target, nan=0.0))
+    return (per_voxel * known).sum() / known.sum().clamp(min=1)
+
+
+def make_criterion(config, class_weights: dict[str, float]):
+    import torch
+
+    kwargs = dict(config.criterion_kwargs)
+    if config.weight_loss:
+        weights = torch.tensor([class_weights.get(c, 1.0) for c in config.classes], dtype=torch.float32)
+        kwargs["pos_weight"] = weights.view(-1, 1, 1, 1)
+    return config.criterion(**kwargs)
+
+
+def _check_start(checkpoints_dir: Path, resume: bool, overwrite: bool) -> None:
+    existing = sorted(checkpoints_dir.glob("*.pth")) if checkpoints_dir.exists() else []
+    if existing and not resume and not overwrite:
+        raise ReproError(
+            f"{checkpoints_dir} already holds checkpoints; pass --resume to continue that run or --overwrite to start again"
+        )
+    if resume and not (checkpoints_dir / "latest.pth").exists():
+        raise ReproError(f"nothing to resume: {checkpoints_dir / 'latest.pth'} does not exist")
+    if overwrite and not resume:
+        for path in existing + sorted(checkpoints_dir.glob("*.sha256")) + [checkpoints_dir / manifest.MANIFEST_NAME]:
+            if path.exists():
+                path.unlink()
+
+
+def train(
+    experiment_name: str,
+    experiments_root=None,
+    overrides: Overrides | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    threads: int | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    import torch
+    from tqdm import tqdm
+
+    from cellmap_repro import data as data_module
+    from cellmap_repro.experiment import load_experiment
+    from cellmap_repro.model import trainable_modules
+    from cellmap_repro.runlog import RunLog
+
+    overrides = overrides or Overrides()
+    explicit_threads = threads or (int(os.environ["CELLMAP_REPRO_THREADS"]) if os.environ.get("CELLMAP_REPRO_THREADS") else None)
+    torch.set_num_threads(explicit_threads or determinism.available_cores())
+    experiment = load_experiment(experiment_name, experiments_root, parts=("train_config",))
+    config = experiment.train
+    run = Settings.resolve(config, overrides, explicit_threads or config.num_threads or determinism.available_cores())
+    checkpoints_dir = experiment.checkpoints_dir
+    _check_start(checkpoints_dir, resume, overwrite)
+
+    determinism.configure(run.seed, run.threads, config.deterministic)
+    model = config.model
+    for module in trainable_modules(model):
+        module.reset_parameters()
+    optimizer = config.optimizer
+    scheduler = config.scheduler
+    training_data = data_module.build(experiment)
+    class_weights = training_data.class_weights()
+    criterion = make_criterion(config, class_weights)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    manifest_path = checkpoints_dir / manifest.MANIFEST_NAME
+    run_overrides = overrides.as_dict()
+    run_manifest = _start_manifest(experiment, training_data, run, run_overrides, class_weights, config)
+    iteration, best = 0, float("inf")
+    if resume:
+        recorded = manifest.read(manifest_path)
+        if recorded.get("config_sha256") != run_manifest["config_sha256"]:
+            raise ReproError(
+                f"the experiment's config or the overrides changed since {checkpoints_dir} was written; "
+                "resume with the same settings, or --overwrite to start again"
+            )
+        run_manifest["checkpoints"] = recorded.get("checkpoints", {})
+        state = checkpoint.load(checkpoints_dir / "latest.pth")
+        checkpoint.load_into(model, state, checkpoints_dir / "latest.pth")
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state.get("scheduler") is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        determinism.restore_rng_states(state["rng"])
+        iteration, best = int(state["iteration"]), float(state["best_validation"])
+    manifest.write(manifest_path, run_manifest)
+
+    log = RunLog(experiment.logs_dir, config.model_name, resume_step=iteration if resume else None)
+    log.line(f"{'resume' if resume else 'start'} at iteration {iteration}; settings {run.__dict__}")
+    total = run.epochs * run.iterations_per_epoch
+    kill_at = int(os.environ[KILL_AT_ENV]) if os.environ.get(KILL_AT_ENV) else None
+    weights = training_data.sample_weights() if config.weighted_sampler else None
+    train_size = len(training_data.train)
+    bar = tqdm(total=total, initial=iteration, desc=f"train {experiment_name}", unit="it", disable=not progress, dynamic_ncols=True)
+
+    def state_dict(epoch_done: bool) -> dict:
+        return {
+            "model": checkpoint.trainable_state(model),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "rng": determinism.rng_states(),
+            "iteration": iteration,
+            "epoch": iteration // run.iterations_per_epoch,
+            "epoch_complete": epoch_done,
+            "best_validation": best,
+            "seed": run.seed,
+        }
+
+    try:
+        for epoch in range(iteration // run.iterations_per_epoch, run.epochs):
+            per_epoch = run.iterations_per_epoch * run.batch_size
+            indices = data_module.epoch_indices(run.seed, epoch, per_epoch, weights, train_size)
+            samples = data_module.SeededSamples(training_data.train, indices, run.seed, first_position=epoch * per_epoch)
+            start = (iteration - epoch * run.iterations_per_epoch) * run.batch_size
+            model.train()
+            for batch in data_module.loader(samples, run.batch_size, run.num_workers, start=start):
+                optimizer.zero_grad(set_to_none=True)
+                logits = model(batch[data_module.INPUT_KEY])
+                loss = masked_loss(criterion, logits, batch[data_module.TARGET_KEY])
+                loss.backward()
+                if config.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+                optimizer.step()
+                iteration += 1
+                if kill_at is not None and iteration == kill_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                value = float(loss.detach())
+                log.scalar("loss", value, iteration)
+                log.scalar("lr", optimizer.param_groups[0]["lr"], iteration)
+                bar.update(1)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{value:.4g}")
+                if iteration % run.checkpoint_every == 0 and iteration % run.iterations_per_epoch:
+                    checkpoint.save(checkpoints_dir / "latest.pth", state_dict(epoch_done=False))
+            score = validate(model, criterion, training_data, run, data_module)
+            if scheduler is not None:
+                scheduler.step()
+            if score is not None:
+                log.scalar("validation", score, iteration)
+            improved = score is not None and score < best
+            if improved:
+                best = score
+            state = state_dict(epoch_done=True)
+            digest = checkpoint.save(checkpoints_dir / checkpoint.epoch_name(epoch + 1), state)
+            checkpoint.save(checkpoints_dir / "latest.pth", state)
+            if improved or score is None:
+                checkpoint.save(checkpoints_dir / "best.pth", state)
+            run_manifest["checkpoints"][str(epoch + 1)] = {"file": checkpoint.epoch_name(epoch + 1), "sha256": digest, "iteration": iteration, "validation": score}
+            manifest.write(manifest_path, run_manifest)
+            log.line(f"epoch {epoch + 1} iteration {iteration} validation {score} sha256 {digest}")
+    finally:
+        bar.close()
+        log.close()
+    return TrainResult(iteration, iteration // run.iterations_per_epoch, checkpoints_dir, log.tensorboard_dir, manifest_path, run_manifest["checkpoints"])
+
+
+def validate(model, criterion, training_data, run: Settings, data_module) -> float | None:
+    """Mean masked loss over a fixed set of validation batches (lower is better)."""
+    import torch
+
+    dataset = training_data.validate
+    if run.validation_batches == 0 or len(dataset) == 0:
+        return None
+    indices = data_module.validation_indices(run.seed, run.validation_batches * run.batch_size, len(dataset))
+    samples = data_module.SeededSamples(dataset, indices, run.seed, first_position=data_module.VALIDATION_STREAM)
+    model.eval()
+    losses = []
+    with torch.no_grad():
+        for batch in data_module.loader(samples, run.batch_size, run.num_workers):
+            logits = model(batch[data_module.INPUT_KEY])
+            losses.append(float(masked_loss(criterion, logits, batch[data_module.TARGET_KEY])))
+    return sum(losses) / len(losses)
+
+
+def _start_manifest(experiment, training_data, run: Settings, overrides: dict, class_weights: dict, config) -> dict:
+    from cellmap_repro.model import weights_file
+    from cellmap_repro.storage import read_levels, sha256_file
+
+    raw_levels = {}
+    for row in training_data.rows:
+        levels = read_levels(row.raw_group)
+        finest = min(levels, key=lambda l: sum(abs(a - b) for a, b in zip(l.scale, config.input_array_info.scale)))
+        raw_levels[str(row.raw_group)] = finest.path
+    weights_path = weights_file(settings.weights_root(), config.pretrained_checkpoint) if config.pretrained_checkpoint else None
+    return {
+        "experiment": experiment.name,
+        "model_name": config.model_name,
+        "seed": run.seed,
+        "settings": run.__dict__,
+        "overrides": overrides,
+        "config_sha256": manifest.config_hash(experiment.directory, {"overrides": overrides, "seed": run.seed}),
+        "datasplit_sha256": sha256_file(experiment.datasplit_path),
+        "data_sha256": manifest.data_hashes(training_data.rows, raw_levels),
+        "pretrained_weights": {
+            "checkpoint": config.pretrained_checkpoint,
+            "sha256": sha256_file(weights_path) if weights_path and weights_path.exists() else None,
+        },
+        "class_weights": class_weights,
+        "git": manifest.git_state(),
+        "software": manifest.software(),
+        "determinism": determinism.flags(),
+        "hardware": manifest.hardware(),
+        "checkpoints": {},
+    }
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    overrides = Overrides(
+        epochs=args.epochs,
+        iterations_per_epoch=args.iterations_per_epoch,
+        batch_size=args.batch_size,
+        validation_batches=args.validation_batches,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+        num_workers=args.num_workers,
+    )
+    result = train(args.experiment, args.experiments_root, overrides, resume=args.resume, overwrite=args.overwrite, threads=args.threads)
+    print(f"checkpoints: {result.checkpoints_dir}")
+    print(f"tensorboard: {result.tensorboard_dir}")
+    print(f"manifest:    {result.manifest_path}")
+    return 0
+
+
+def add_override_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--epochs", type=int, default=None, help="override the config's epochs")
+    parser.add_argument("--iterations-per-epoch", type=int, default=None, help="override iterations_per_epoch")
+    parser.add_argument("--batch-size", type=int, default=None, help="override batch_size")
+    parser.add_argument("--validation-batches", type=int, default=None, help="override validation_batches")
+    parser.add_argument("--seed", type=int, default=None, help="override the seed (also: env SEED)")
+    parser.add_argument("--checkpoint-every", type=int, default=None, help="refresh latest.pth every N iterations (default: min(100, iterations per epoch))")
+    parser.add_argument("--num-workers", type=int, default=None, help="override num_workers")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: $CELLMAP_REPRO_THREADS or all cores); part of the reproducibility contract")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("train", help="train an experiment (resumable, deterministic)", description=__doc__.split("\n\n")[0])
+    settings.add_experiment_argument(parser)
+    add_override_arguments(parser)
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true", help="continue from checkpoints/latest.pth")
+    group.add_argument("--overwrite", action="store_true", help="delete the experiment's checkpoints and start again")
+    parser.set_defaults(func=run_cli)
