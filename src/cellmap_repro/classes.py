@@ -67,16 +67,17 @@ def check_classes(names: Iterable[str], where: str) -> list[str]:
     return names
 
 
-def class_relations(named_classes: Sequence[str] | None = None) -> dict[str, set[str]]:
-    """Map each class to the classes that are mutually exclusive with it.
+def class_relations(named_classes: Sequence[str] | None = None) -> dict[str, list[str]]:
+    """Map each class to the classes that are mutually exclusive with it, sorted.
 
     With ``named_classes``, both sides are restricted to those classes, as the
-    toolbox does when it passes the training class list.
+    toolbox does when it passes the training class list. The values are lists because
+    cellmap-data only infers true negatives from a ``list`` (a set silently disables it).
     """
     table = class_table()
     names = list(named_classes) if named_classes is not None else list(table)
     check_classes(names, "class relations")
     return {
-        a: {b for b in names if b != a and not (table[a].id_set & table[b].id_set)}
+        a: sorted(b for b in names if b != a and not (table[a].id_set & table[b].id_set))
         for a in names
     }

@@ -62,6 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USER_ERROR
+    # Flags win over the environment, and later stages (e.g. the experiment's model.py
+    # locating the weights cache) read the environment, so publish them there.
+    for flag, variable in (("data", "CELLMAP_REPRO_DATA"), ("experiments_root", "CELLMAP_REPRO_EXPERIMENTS")):
+        value = getattr(args, flag, None)
+        if value:
+            os.environ[variable] = os.path.abspath(value)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

@@ -1,0 +1,274 @@
+"""`cellmap-repro predict`: tile crops through a trained model, write per-class logits.
+
+For each crop (the datasplit's validation crops by default, or test crops from a test
+manifest) the output grid is the raw level at the model's input voxel size, clipped to
+the crop's box; tiles use the smallest valid input (216 + 18k for setup04) whose output
+covers the crop, up to ``--max-input``. Logits are written per class as OME-NGFF
+multiscale groups: ``<data>/predictions/<exp>/<dataset>.zarr/crop<id>/<class>/s0``.
+
+Resumable: a crop is built in ``crop<id>.partial`` with a record of finished tiles and
+renamed when complete; a rerun skips complete crops made with the same checkpoint and
+continues a partial crop where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cellmap_repro import checkpoint, settings
+from cellmap_repro.errors import ReproError
+from cellmap_repro.storage import (
+    PARTIAL_SUFFIX,
+    ScaleLevel,
+    atomic_write_json,
+    find_level,
+    multiscale_attrs,
+    read_levels,
+)
+
+PROGRESS_FILE = ".cellmap-repro-progress.json"
+ATTRS_KEY = "cellmap_repro"
+
+
+@dataclass
+class CropTarget:
+    dataset: str
+    crop_id: int
+    raw_group: Path
+    box_low: tuple[float, float, float]  # world nm, lower edge
+    box_high: tuple[float, float, float]  # world nm, upper edge (exclusive)
+
+
+def crop_box(levels: list[ScaleLevel], shape) -> tuple[tuple, tuple]:
+    s0 = levels[0]
+    low = tuple(t - s / 2 for t, s in zip(s0.translation, s0.scale))
+    high = tuple(lo + s * n for lo, s, n in zip(low, s0.scale, shape))
+    return low, high
+
+
+def targets_from_datasplit(rows, which: str) -> list[CropTarget]:
+    import zarr
+
+    if which in ("validate", "train"):
+        chosen = [r for r in rows if r.usage == which]
+    elif which == "all":
+        chosen = list(rows)
+    else:
+        try:
+            wanted = {int(c) for c in which.split(",") if c.strip()}
+        except ValueError:
+            raise ReproError(f"--crops must be validate, train, all or crop ids like 1,2; got {which!r}") from None
+        chosen = [r for r in rows if r.crop_id in wanted]
+        missing = wanted - {r.crop_id for r in chosen}
+        if missing:
+            raise ReproError(f"crop(s) {sorted(missing)} are not in the datasplit")
+    if not chosen:
+        raise ReproError(f"the datasplit has no '{which}' crops to predict")
+    targets = []
+    for row in chosen:
+        group = row.label_group(row.classes[0])
+        levels = read_levels(group, where=f"crop {row.crop_id} label {row.classes[0]}")
+        shape = zarr.open_array(str(group / levels[0].path), mode="r").shape
+        low, high = crop_box(levels, shape)
+        targets.append(CropTarget(row.dataset, row.crop_id, row.raw_group, low, high))
+    return targets
+
+
+def _vector(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.strip("[]").split(";"))
+
+
+def targets_from_manifest(path: Path, data: Path, raw_path: str = "recon-1/em/fibsem-uint8") -> list[CropTarget]:
+    """Test crops from a toolbox test-crop manifest (``crop_name,dataset,class_label,voxel_size,translation,shape``)."""
+    if not path.exists():
+        raise ReproError(f"test crop manifest not found: {path}")
+    crops: dict[int, CropTarget] = {}
+    with open(path, newline="") as handle:
+        for line, row in enumerate(csv.DictReader(handle), start=2):
+            try:
+                crop_id = int(row["crop_name"].removeprefix("crop"))
+                scale, translation, shape = _vector(row["voxel_size"]), _vector(row["translation"]), _vector(row["shape"])
+            except (KeyError, ValueError, AttributeError) as exc:
+                raise ReproError(f"{path}:{line}: malformed test-crop row ({exc})") from None
+            low = tuple(t - s / 2 for t, s in zip(translation, scale))
+            high = tuple(lo + s * n for lo, s, n in zip(low, scale, shape))
+            dataset = row["dataset"]
+            crops.setdefault(crop_id, CropTarget(dataset, crop_id, data / dataset / f"{dataset}.zarr" / raw_path, low, high))
+    if not crops:
+        raise ReproError(f"{path}: no test crops listed")
+    return [crops[k] for k in sorted(crops)]
+
+
+def output_grid(target: CropTarget, raw_level: ScaleLevel) -> tuple[np.ndarray, np.ndarray]:
+    """First raw-grid index and voxel count per axis of the raw voxels centred in the crop box."""
+    start = np.array([math.ceil((lo - t) / s - 1e-6) for lo, t, s in zip(target.box_low, raw_level.translation, raw_level.scale)])
+    stop = np.array([math.ceil((hi - t) / s - 1e-6) for hi, t, s in zip(target.box_high, raw_level.translation, raw_level.scale)])
+    return start, np.maximum(stop - start, 1)
+
+
+def read_padded(array, start, size) -> np.ndarray:
+    """``array[start:start+size]`` with zeros where the box leaves the array."""
+    out = np.zeros(tuple(size), dtype=array.dtype)
+    src_lo = np.maximum(start, 0)
+    src_hi = np.minimum(np.array(start) + size, array.shape)
+    if np.any(src_hi <= src_lo):
+        return out
+    dst_lo = src_lo - start
+    dst_hi = dst_lo + (src_hi - src_lo)
+    out[tuple(slice(a, b) for a, b in zip(dst_lo, dst_hi))] = array[tuple(slice(a, b) for a, b in zip(src_lo, src_hi))]
+    return out
+
+
+def tile_starts(extent: int, tile: int) -> list[int]:
+    return list(range(0, extent, tile))
+
+
+def predict(
+    experiment_name: str,
+    experiments_root=None,
+    data_root: Path | None = None,
+    which_checkpoint: str | None = None,
+    crops: str = "validate",
+    test_manifest: Path | None = None,
+    max_input: int = 306,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    import torch
+    import zarr
+    from tqdm import tqdm
+
+    from cellmap_repro import determinism
+    from cellmap_repro.datasplit import read_datasplit
+    from cellmap_repro.experiment import load_experiment
+    from cellmap_repro.model import output_size_for, size_step
+
+    data = settings.data_root(data_root)
+    experiment = load_experiment(experiment_name, experiments_root, parts=("train_config", "process_config"))
+    config = experiment.train
+    ckpt_path = checkpoint.resolve(experiment.checkpoints_dir, which_checkpoint or experiment.process.checkpoint)
+    state = checkpoint.load(ckpt_path)
+    model = config.model
+    checkpoint.load_into(model, state, ckpt_path)
+    model.eval()
+    ckpt_digest = checkpoint.recorded_digest(ckpt_path)
+    determinism.configure(config.random_seed, torch.get_num_threads(), config.deterministic)
+
+    in_scale, out_scale = config.input_array_info.scale, config.target_array_info.scale
+    if any(abs(a - b) > 1e-6 for a, b in zip(in_scale, out_scale)):
+        raise ReproError(f"predict needs the model's output voxel size to equal its input's (got {list(out_scale)} vs {list(in_scale)} nm)")
+    if test_manifest is not None:
+        targets = targets_from_manifest(Path(test_manifest), data)
+    else:
+        targets = targets_from_datasplit(read_datasplit(experiment.datasplit_path), crops)
+
+    out_root = settings.predictions_root(data, experiment_name)
+    step = size_step(model)
+    context = np.array(config.input_array_info.shape) - np.array(config.target_array_info.shape)
+    for target in targets:
+        where = f"raw of {target.dataset} crop {target.crop_id}"
+        if not target.raw_group.exists():
+            raise ReproError(f"{where} does not exist: {target.raw_group}")
+        raw_level = find_level(read_levels(target.raw_group, where=where), in_scale, where)
+        raw = zarr.open_array(str(target.raw_group / raw_level.path), mode="r")
+        grid_start, grid_shape = output_grid(target, raw_level)
+        needed = np.minimum(grid_shape, max(1, max_input - int(context.max())))
+        in_shape, out_shape = output_size_for(config.input_array_info.shape, config.target_array_info.shape, step, needed)
+        crop_dir = out_root / f"{target.dataset}.zarr" / f"crop{target.crop_id}"
+        translation = tuple(t + s * k for t, s, k in zip(raw_level.translation, raw_level.scale, grid_start))
+        level = ScaleLevel("s0", tuple(out_scale), translation)
+        record = {"checkpoint": str(ckpt_path), "checkpoint_sha256": ckpt_digest, "grid_start": grid_start.tolist(), "shape": grid_shape.tolist(), "tile": list(out_shape), "classes": list(config.classes)}
+        if crop_dir.exists() and not overwrite:
+            done = zarr.open_group(str(crop_dir), mode="r").attrs.get(ATTRS_KEY, {})
+            if done.get("checkpoint_sha256") == ckpt_digest and done.get("shape") == record["shape"]:
+                print(f"crop{target.crop_id}: up to date, skipped ({crop_dir})")
+                continue
+        _predict_crop(model, config, raw, crop_dir, grid_start, grid_shape, in_shape, out_shape, level, record, progress, f"predict crop{target.crop_id}")
+    return out_root
+
+
+def _predict_crop(model, config, raw, crop_dir: Path, grid_start, grid_shape, in_shape, out_shape, level, record, progress, desc):
+    import torch
+    import zarr
+    from tqdm import tqdm
+
+    (crop_dir.parent).mkdir(parents=True, exist_ok=True)
+    zarr.open_group(str(crop_dir.parent), mode="a")  # the <dataset>.zarr container
+    partial = crop_dir.with_name(crop_dir.name + PARTIAL_SUFFIX)
+    progress_file = partial / PROGRESS_FILE
+    finished: set[tuple[int, int, int]] = set()
+    if partial.exists():
+        try:
+            saved = json.loads(progress_file.read_text())
+            if saved.get("record") == record:
+                finished = {tuple(t) for t in saved["finished"]}
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            pass
+        if not finished:
+            shutil.rmtree(partial)
+    group = zarr.open_group(str(partial), mode="a")
+    arrays = {}
+    chunks = tuple(int(min(64, s)) for s in grid_shape)
+    for class_name in config.classes:
+        sub = group.require_group(class_name)
+        sub.attrs.update(multiscale_attrs([level], name=class_name))
+        arrays[class_name] = sub.require_dataset("s0", shape=tuple(int(s) for s in grid_shape), chunks=chunks, dtype="f4", fill_value=0.0, dimension_separator="/")
+    context_low = (np.array(in_shape) - np.array(out_shape)) // 2
+    tiles = [(z, y, x) for z in tile_starts(grid_shape[0], out_shape[0]) for y in tile_starts(grid_shape[1], out_shape[1]) for x in tile_starts(grid_shape[2], out_shape[2])]
+    transform = config.val_raw_value_transforms
+    with tqdm(total=len(tiles), initial=len(finished), desc=desc, unit="tile", disable=not progress) as bar:
+        for tile in tiles:
+            if tile in finished:
+                continue
+            start = grid_start + np.array(tile) - context_low
+            block = torch.from_numpy(read_padded(raw, start, np.array(in_shape)))
+            block = transform(block) if transform is not None else block.float()
+            with torch.no_grad():
+                logits = model(block[None, None].float())[0].numpy()
+            write = np.minimum(np.array(out_shape), grid_shape - np.array(tile))
+            region = tuple(slice(t, t + w) for t, w in zip(tile, write))
+            for channel, class_name in enumerate(config.classes):
+                arrays[class_name][region] = logits[channel][tuple(slice(0, w) for w in write)]
+            finished.add(tile)
+            atomic_write_json(progress_file, {"record": record, "finished": sorted(finished)})
+            bar.update(1)
+    group.attrs[ATTRS_KEY] = record
+    progress_file.unlink()
+    if crop_dir.exists():
+        shutil.rmtree(crop_dir)
+    partial.rename(crop_dir)
+
+
+def run(args: argparse.Namespace) -> int:
+    out = predict(
+        args.experiment,
+        args.experiments_root,
+        args.data,
+        args.checkpoint,
+        args.crops,
+        Path(args.test_manifest) if args.test_manifest else None,
+        args.max_input,
+        args.overwrite,
+    )
+    print(f"predictions: {out}")
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("predict", help="predict per-class logits on crops (resumable)", description=__doc__.split("\n\n")[0])
+    settings.add_experiment_argument(parser)
+    settings.add_data_argument(parser)
+    parser.add_argument("--checkpoint", default=None, help="best, latest, an epoch number or a path (default: process_config's, best)")
+    parser.add_argument("--crops", default="validate", help="validate (default), train, all, or crop ids like 1,2 from the datasplit")
+    parser.add_argument("--test-manifest", default=None, help="predict the test crops of this test_crop_manifest.csv instead")
+    parser.add_argument("--max-input", type=int, default=306, help="largest tile input edge in voxels (memory bound; default %(default)s)")
+    parser.add_argument("--overwrite", action="store_true", help="predict again even where up-to-date output exists")
+    parser.set_defaults(func=run)

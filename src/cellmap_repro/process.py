@@ -1,0 +1,98 @@
+"""`cellmap-repro process`: turn per-class logits into masks, as ``process_config.py`` says.
+
+Semantic classes: ``logit > threshold`` as uint8 0/1. Instance classes: the same mask,
+then connected components (cc3d, 26-connected by default; components smaller than
+``min_instance_size`` voxels removed) as uint64 ids. Output mirrors the predictions:
+``<data>/processed/<exp>/<dataset>.zarr/crop<id>/<class>/s0``. Each crop is written in a
+``.partial`` folder and renamed when complete; a rerun skips crops already processed
+from the same predictions.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from cellmap_repro import settings
+from cellmap_repro.classes import check_classes, class_table
+from cellmap_repro.errors import ReproError
+from cellmap_repro.storage import atomic_directory, multiscale_attrs, read_levels
+
+ATTRS_KEY = "cellmap_repro"
+
+
+def process_volume(logits: np.ndarray, threshold: float, instance: bool, connectivity: int = 26, min_size: int = 0) -> np.ndarray:
+    mask = logits > threshold
+    if not instance:
+        return mask.astype(np.uint8)
+    import cc3d
+
+    if min_size > 0:
+        mask = cc3d.dust(mask, threshold=min_size, connectivity=connectivity, in_place=False)
+    return cc3d.connected_components(mask, connectivity=connectivity, out_dtype=np.uint64)
+
+
+def class_threshold(config, class_name: str) -> float:
+    if isinstance(config.threshold, dict):
+        return float(config.threshold.get(class_name, config.threshold.get("default", 0.0)))
+    return float(config.threshold)
+
+
+def process(experiment_name: str, experiments_root=None, data_root=None, overwrite: bool = False, progress: bool = True) -> Path:
+    import zarr
+    from tqdm import tqdm
+
+    from cellmap_repro.experiment import load_experiment
+
+    data = settings.data_root(data_root)
+    experiment = load_experiment(experiment_name, experiments_root, parts=("process_config",))
+    config = experiment.process
+    instance_names = set(check_classes(config.instance_classes, f"{experiment.directory / 'process_config.py'}: instance_classes")) if config.instance_classes is not None else {c.name for c in class_table().values() if c.instance}
+    source_root = settings.predictions_root(data, experiment_name)
+    out_root = settings.processed_root(data, experiment_name)
+    crops = sorted(p for p in source_root.glob("*.zarr/crop*") if p.is_dir() and not p.name.endswith((".partial", ".old")))
+    if not crops:
+        raise ReproError(f"no predictions under {source_root} (run `cellmap-repro predict -e {experiment_name}` first)")
+    for crop in crops:
+        source = zarr.open_group(str(crop), mode="r")
+        record = dict(source.attrs.get(ATTRS_KEY, {}))
+        classes = sorted(source.group_keys())
+        if config.classes is not None:
+            missing = [c for c in config.classes if c not in classes]
+            if missing:
+                raise ReproError(f"{crop}: no prediction for class(es) {', '.join(missing)} named in process_config.classes")
+            classes = list(config.classes)
+        target = out_root / crop.parent.name / crop.name
+        wanted = {"source": record, "threshold": {c: class_threshold(config, c) for c in classes}, "connectivity": config.connectivity, "min_instance_size": config.min_instance_size}
+        if target.exists() and not overwrite and zarr.open_group(str(target), mode="r").attrs.get(ATTRS_KEY) == wanted:
+            print(f"{crop.parent.name}/{crop.name}: up to date, skipped")
+            continue
+        zarr.open_group(str(target.parent), mode="a")
+        with atomic_directory(target) as partial:
+            out = zarr.open_group(str(partial), mode="w")
+            for class_name in tqdm(classes, desc=f"process {crop.parent.name}/{crop.name}", unit="class", disable=not progress):
+                levels = read_levels(crop / class_name)
+                logits = source[class_name][levels[0].path][:]
+                is_instance = class_name in instance_names
+                result = process_volume(logits, class_threshold(config, class_name), is_instance, config.connectivity, config.min_instance_size)
+                group = out.create_group(class_name)
+                group.attrs.update(multiscale_attrs([levels[0]], name=class_name))
+                group.create_dataset("s0", data=result, chunks=tuple(min(64, s) for s in result.shape), dimension_separator="/")
+            out.attrs[ATTRS_KEY] = wanted
+    return out_root
+
+
+def run(args: argparse.Namespace) -> int:
+    out = process(args.experiment, args.experiments_root, args.data, args.overwrite)
+    print(f"processed: {out}")
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("process", help="threshold / instance-label predictions per process_config.py", description=__doc__.split("\n\n")[0])
+    settings.add_experiment_argument(parser)
+    settings.add_data_argument(parser)
+    parser.add_argument("--overwrite", action="store_true", help="process again even where up-to-date output exists")
+    parser.set_defaults(func=run)
