@@ -95,7 +95,9 @@ def build(experiment, datasplit_path: Path | None = None) -> TrainingData:
     check_rows(rows, config.input_array_info.scale, config.target_array_info.scale, str(path))
     input_arrays = {INPUT_KEY: {"shape": config.input_array_info.shape, "scale": config.input_array_info.scale}}
     target_arrays = {TARGET_KEY: {"shape": config.target_array_info.shape, "scale": config.target_array_info.scale}}
-    relations = class_relations(config.classes) if config.use_mutual_exclusion else None
+    # Without masking every class still gets an (empty) entry: cellmap-data 2026.2.28.30
+    # fails to build an unannotated class when no relation dict is given at all.
+    relations = class_relations(config.classes) if config.use_mutual_exclusion else {c: [] for c in config.classes}
     datasets: dict[str, list] = {"train": [], "validate": []}
     for row in rows:
         is_train = row.usage == "train"

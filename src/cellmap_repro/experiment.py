@@ -17,7 +17,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -69,9 +69,15 @@ class DataConfig(BaseModel):
         return check_classes(value, "classes")
 
 
-class TrainConfig(ModelConfig, DataConfig):
-    """Variables of ``train_config.py`` (it imports the model and data variables)."""
+class TrainConfig(BaseModel):
+    """Variables of ``train_config.py``.
 
+    It may import names from ``model.py`` and ``data.py`` (as the toolbox's configs do),
+    but each setting has exactly one home: model and data settings are read from their
+    own files, so one left out of the imports is never silently replaced by a default.
+    """
+
+    model_config = _ALLOW_OBJECTS
     learning_rate: float = Field(gt=0)
     batch_size: int = Field(gt=0)
     epochs: int = Field(gt=0)
@@ -158,8 +164,13 @@ class Experiment:
         raise AttributeError(item)
 
     @property
-    def train(self) -> TrainConfig:
-        return self.configs["train_config"]
+    def train(self) -> SimpleNamespace:
+        """Model, data and training settings together, as the training stage uses them."""
+        merged = {}
+        for part in ("data", "model", "train_config"):
+            config = self.configs[part]
+            merged.update({name: getattr(config, name) for name in type(config).model_fields})
+        return SimpleNamespace(**merged)
 
     @property
     def process(self) -> ProcessConfig:
@@ -167,8 +178,7 @@ class Experiment:
 
     @property
     def datasplit_path(self) -> Path:
-        config = self.configs.get("train_config") or self.configs["data"]
-        path = Path(config.datasplit_path)
+        path = Path(self.configs["data"].datasplit_path)
         return path if path.is_absolute() else self.directory / path
 
     @property
@@ -190,10 +200,9 @@ def experiment_dir(name: str, root: str | Path | None = None) -> Path:
 
 
 def _import_package(name: str, directory: Path) -> ModuleType:
+    # Always import afresh: a config holds live objects (model, optimizer) whose state
+    # must not leak from one run into the next within a process.
     package_name = f"cellmap_repro_experiment_{name}"
-    existing = sys.modules.get(package_name)
-    if existing is not None and Path(existing.__path__[0]) == directory:
-        return existing
     for key in [k for k in sys.modules if k == package_name or k.startswith(package_name + ".")]:
         del sys.modules[key]
     init = directory / "__init__.py"
@@ -232,6 +241,8 @@ def load_experiment(
     directory = experiment_dir(name, root)
     package = _import_package(name, directory)
     experiment = Experiment(name=name, directory=directory, package=package)
+    if "train_config" in parts:
+        parts = tuple(dict.fromkeys(("data", "model", *parts)))
     for part in parts:
         experiment.configs[part] = _load_file(package, directory, part)
     return experiment

@@ -172,12 +172,20 @@ def group_annotation_attrs(class_name: str) -> dict:
 
 
 def write_multiscale(group, name: str, pyramid: list[np.ndarray], levels: list[ScaleLevel], array_attrs=None, group_attrs=None):
-    import zarr
+    from numcodecs import Zlib
 
     sub = group.create_group(name)
     sub.attrs.update({**multiscale_attrs(levels, name=name), **(group_attrs or {})})
     for level, data in zip(levels, pyramid):
-        array = sub.create_dataset(level.path, data=data, chunks=tuple(min(c, s) for c, s in zip(CHUNKS, data.shape)), dimension_separator="/")
+        # zlib, not zarr's default multi-threaded Blosc: its compressed bytes vary from
+        # run to run, and the run manifest hashes the data's bytes.
+        array = sub.create_dataset(
+            level.path,
+            data=data,
+            chunks=tuple(min(c, s) for c, s in zip(CHUNKS, data.shape)),
+            compressor=Zlib(level=5),
+            dimension_separator="/",
+        )
         if array_attrs is not None:
             array.attrs.update(array_attrs(data))
     return sub

@@ -1,0 +1,13 @@
+import torch
+import torchvision.transforms.v2 as T
+from cellmap_data.transforms import Binarize, NaNtoNum
+
+classes = ["ecs", "pm", "mito_mem", "mito_lum", "cyto", "nuc", "ves", "golgi", "mito", "cell"]
+spatial_transforms = {
+    "mirror": {"axes": {"x": 0.5, "y": 0.5, "z": 0.1}},
+    "transpose": {"axes": ["x", "y", "z"]},
+    "rotate": {"axes": {"x": [-180, 180], "y": [-180, 180], "z": [-180, 180]}},
+}
+train_raw_value_transforms = T.Compose([T.ToDtype(torch.float, scale=True), NaNtoNum({"nan": 0, "posinf": None, "neginf": None})])
+val_raw_value_transforms = T.Compose([T.ToDtype(torch.float, scale=True), NaNtoNum({"nan": 0, "posinf": None, "neginf": None})])
+target_value_transforms = T.Compose([T.ToDtype(torch.float), Binarize()])
