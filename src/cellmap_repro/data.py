@@ -175,8 +175,17 @@ class SeededSamples:
 
 def loader(samples: SeededSamples, batch_size: int, num_workers: int, start: int = 0):
     """cellmap-data's loader over ``samples`` from ``start`` on, in order (the order is in ``samples``)."""
+    import logging
+
     from cellmap_data import CellMapDataLoader
 
+    # It warns that it cannot bound TensorStore's cache through our wrapper; harmless.
+    logging.getLogger("cellmap_data.dataloader").setLevel(logging.ERROR)
+    if num_workers > 0:
+        raise ReproError(
+            f"num_workers={num_workers}: loader worker processes do not work with cellmap-data 2026.2.28.30 "
+            "(TensorStore aborts on fork, and its datasets cannot be pickled for spawn); use num_workers = 0"
+        )
     return CellMapDataLoader(
         samples,
         classes=samples.classes,

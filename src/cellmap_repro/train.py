@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,18 +97,20 @@ def make_criterion(config, class_weights: dict[str, float]):
     return config.criterion(**kwargs)
 
 
-def _check_start(checkpoints_dir: Path, resume: bool, overwrite: bool) -> None:
+def _check_start(checkpoints_dir: Path, tensorboard_run: Path, resume: bool, overwrite: bool) -> None:
     existing = sorted(checkpoints_dir.glob("*.pth")) if checkpoints_dir.exists() else []
     if existing and not resume and not overwrite:
         raise ReproError(
             f"{checkpoints_dir} already holds checkpoints; pass --resume to continue that run or --overwrite to start again"
         )
-    if resume and not (checkpoints_dir / "latest.pth").exists():
-        raise ReproError(f"nothing to resume: {checkpoints_dir / 'latest.pth'} does not exist")
+    if resume and not (checkpoints_dir / manifest.MANIFEST_NAME).exists():
+        raise ReproError(f"nothing to resume: no run was started in {checkpoints_dir}")
     if overwrite and not resume:
         for path in existing + sorted(checkpoints_dir.glob("*.sha256")) + [checkpoints_dir / manifest.MANIFEST_NAME]:
             if path.exists():
                 path.unlink()
+        # A new run's curves must not mix with the old run's.
+        shutil.rmtree(tensorboard_run, ignore_errors=True)
 
 
 def train(
@@ -134,7 +137,7 @@ def train(
     config = experiment.train
     run = Settings.resolve(config, overrides, explicit_threads or config.num_threads or determinism.available_cores())
     checkpoints_dir = experiment.checkpoints_dir
-    _check_start(checkpoints_dir, resume, overwrite)
+    _check_start(checkpoints_dir, experiment.logs_dir / "tensorboard" / config.model_name, resume, overwrite)
 
     determinism.configure(run.seed, run.threads, config.deterministic)
     model = config.model
@@ -159,16 +162,20 @@ def train(
                 "resume with the same settings, or --overwrite to start again"
             )
         run_manifest["checkpoints"] = recorded.get("checkpoints", {})
-        state = checkpoint.load(checkpoints_dir / "latest.pth")
-        checkpoint.load_into(model, state, checkpoints_dir / "latest.pth")
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None and state.get("scheduler") is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        determinism.restore_rng_states(state["rng"])
-        iteration, best = int(state["iteration"]), float(state["best_validation"])
+        latest = checkpoints_dir / "latest.pth"
+        # A run killed before its first checkpoint resumes from the start.
+        if latest.exists():
+            state = checkpoint.load(latest)
+            checkpoint.load_into(model, state, latest)
+            optimizer.load_state_dict(state["optimizer"])
+            if scheduler is not None and state.get("scheduler") is not None:
+                scheduler.load_state_dict(state["scheduler"])
+            determinism.restore_rng_states(state["rng"])
+            iteration, best = int(state["iteration"]), float(state["best_validation"])
     manifest.write(manifest_path, run_manifest)
 
-    log = RunLog(experiment.logs_dir, config.model_name, resume_step=iteration if resume else None)
+    # Steps after the resumed iteration were logged by the interrupted run: purge them.
+    log = RunLog(experiment.logs_dir, config.model_name, resume_step=iteration + 1 if resume else None)
     log.line(f"{'resume' if resume else 'start'} at iteration {iteration}; settings {run.__dict__}")
     total = run.epochs * run.iterations_per_epoch
     kill_at = int(os.environ[KILL_AT_ENV]) if os.environ.get(KILL_AT_ENV) else None

@@ -1,0 +1,81 @@
+"""Bad input gets one clear error line, exit status 2, no traceback, nothing half-written."""
+
+import pytest
+
+from conftest import cli
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("cellmap-repro: error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in last, last
+
+
+def test_unknown_experiment(fast_experiment):
+    assert_one_line_error(cli("train", "-e", "setup_05_nope"), "unknown experiment 'setup_05_nope'")
+
+
+def test_malformed_datasplit_row(fast_experiment):
+    split = fast_experiment / "datasplit.csv"
+    split.write_text(split.read_text() + '"train","only","three"\n')
+    assert_one_line_error(cli("train", "-e", "fast"), "datasplit.csv:4", "expected 5 fields")
+
+
+def test_unknown_class_in_datasplit(fast_experiment):
+    split = fast_experiment / "datasplit.csv"
+    split.write_text(split.read_text().replace("mito]", "mitochondrion]", 1))
+    assert_one_line_error(cli("train", "-e", "fast"), "unknown class 'mitochondrion'", "datasplit.csv:")
+
+
+def test_missing_checkpoint(fast_experiment):
+    assert_one_line_error(cli("predict", "-e", "fast"), "checkpoint 'latest' not found")
+
+
+def test_data_path_that_does_not_exist(fast_experiment, tmp_path):
+    split = fast_experiment / "datasplit.csv"
+    first = split.read_text().splitlines()[0]
+    container = first.split('","')[1]
+    split.write_text(split.read_text().replace(container, str(tmp_path / "gone" / "jrc_gone.zarr")))
+    assert_one_line_error(cli("train", "-e", "fast"), "does not exist", "jrc_gone.zarr")
+    assert not (fast_experiment / "checkpoints" / "latest.pth").exists()
+
+
+def test_wrong_voxel_size(fast_experiment):
+    model = fast_experiment / "model.py"
+    model.write_text(model.read_text().replace('"scale": (8.0, 8.0, 8.0)}\ntarget', '"scale": (4.0, 4.0, 4.0)}\ntarget'))
+    assert_one_line_error(cli("train", "-e", "fast"), "coarser than the model input's [4.0, 4.0, 4.0] nm")
+
+
+def test_misspelt_config_variable(fast_experiment):
+    config = fast_experiment / "train_config.py"
+    config.write_text(config.read_text() + "\nepoch = 3\n")
+    assert_one_line_error(cli("train", "-e", "fast"), "unknown variable 'epoch'", "train_config.py")
+
+
+def test_missing_annotation_counts_refused_before_cellmap_data_writes_them(fast_experiment, tmp_path):
+    import json
+    import shutil
+
+    split = fast_experiment / "datasplit.csv"
+    container = split.read_text().splitlines()[0].split('","')[1]
+    copy = tmp_path / "copy" / "jrc_tiny-1.zarr"
+    shutil.copytree(container, copy)
+    attrs_file = copy / "recon-1/labels/groundtruth/crop1/ecs/s0/.zattrs"
+    attrs = json.loads(attrs_file.read_text())
+    del attrs["cellmap"]["annotation"]["complement_counts"]
+    attrs_file.write_text(json.dumps(attrs))
+    before = attrs_file.read_text()
+    split.write_text(split.read_text().replace(container, str(copy)))
+    assert_one_line_error(cli("train", "-e", "fast"), "lacks cellmap.annotation.complement_counts")
+    assert attrs_file.read_text() == before
+
+
+@pytest.mark.parametrize("stage", ["process", "evaluate"])
+def test_stages_without_inputs(fast_experiment, stage):
+    result = cli(stage, "-e", "fast")
+    if "invalid choice" in result.stderr:
+        pytest.skip(f"{stage} stage not installed")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
