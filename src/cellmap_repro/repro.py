@@ -235,6 +235,7 @@ def register(subparsers) -> None:
 
     parser = subparsers.add_parser("verify", help="check bit-for-bit reproducibility (repeat, kill+resume, against a manifest)", description=__doc__.split("\n\n")[0])
     settings.add_experiment_argument(parser)
+    settings.add_data_argument(parser)
     add_override_arguments(parser)
     parser.add_argument("--against", default=None, help="a recorded manifest.json to reproduce (uses its settings)")
     parser.add_argument("--kill-at", type=int, default=None, help="iteration after which the resume check kills the run (default: random)")

@@ -324,6 +324,7 @@ def add_override_arguments(parser: argparse.ArgumentParser) -> None:
 def register(subparsers) -> None:
     parser = subparsers.add_parser("train", help="train an experiment (resumable, deterministic)", description=__doc__.split("\n\n")[0])
     settings.add_experiment_argument(parser)
+    settings.add_data_argument(parser)
     add_override_arguments(parser)
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="continue from checkpoints/latest.pth")

@@ -1,0 +1,92 @@
+# Thin wrapper: every stage target runs the same `cellmap-repro` command, natively in
+# .venv (RUNNER=local) or in the pinned container (RUNNER=docker). No behaviour lives here.
+
+EXP ?= setup_04_all
+ARGS ?=
+PYTHON ?= python3
+VENV ?= .venv
+# docker when a Docker engine answers, else local
+RUNNER ?= $(shell docker info >/dev/null 2>&1 && echo docker || echo local)
+
+ifeq ($(RUNNER),docker)
+# $(call cli,<compose service>) runs the CLI in that service's container
+cli = docker compose run --rm $(1)
+else ifeq ($(RUNNER),local)
+cli = $(VENV)/bin/cellmap-repro
+else
+$(error RUNNER must be local or docker, not '$(RUNNER)')
+endif
+
+.DEFAULT_GOAL := help
+.PHONY: lock help install smoke tiny-crop download weights datasplit train predict process evaluate pack verify tensorboard unite-logs test
+
+help: ## list the targets
+	@echo "cellmap-repro (RUNNER=$(RUNNER), EXP=$(EXP)); pass extra flags with ARGS='...'"
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	# requirements-dev.txt is requirements.txt plus the test tools, same versions
+	$(VENV)/bin/python -m pip install --quiet --require-hashes --no-deps -r requirements-dev.txt
+	$(VENV)/bin/python -m pip install --quiet --no-deps -e .
+	touch $@
+
+install: $(VENV)/.installed ## create .venv with the locked dependencies (native runs)
+
+ifeq ($(RUNNER),local)
+NATIVE_DEPS := $(VENV)/.installed
+endif
+
+smoke: $(NATIVE_DEPS) ## main job: tiny crop -> train -> predict -> process (-> evaluate), prints where outputs are
+	$(call cli,train) smoke $(ARGS)
+
+tiny-crop: $(NATIVE_DEPS) ## write the tiny synthetic crop, synthetic weights and the datasplit
+	$(call cli,train) tiny-crop -e $(EXP) $(ARGS)
+
+download: $(NATIVE_DEPS) ## fetch CellMap crops from the public S3 bucket into data/
+	$(call cli,download) fetch $(ARGS)
+
+weights: $(NATIVE_DEPS) ## download the real setup04 weights into data/weights
+	$(call cli,download) weights $(ARGS)
+
+datasplit: $(NATIVE_DEPS) ## write EXP's datasplit.csv from the crops in data/
+	$(call cli,train) datasplit -e $(EXP) $(ARGS)
+
+train: $(NATIVE_DEPS) ## train EXP (ARGS='--resume' to continue)
+	$(call cli,train) train -e $(EXP) $(ARGS)
+
+predict: $(NATIVE_DEPS) ## predict EXP's validation crops
+	$(call cli,predict) predict -e $(EXP) $(ARGS)
+
+process: $(NATIVE_DEPS) ## threshold / label EXP's predictions
+	$(call cli,process) process -e $(EXP) $(ARGS)
+
+evaluate: $(NATIVE_DEPS) ## score EXP's processed predictions on its validation crops
+	$(call cli,evaluate) evaluate -e $(EXP) $(ARGS)
+
+pack: $(NATIVE_DEPS) ## write a submission zip from EXP's processed test crops
+	$(call cli,process) pack -e $(EXP) $(ARGS)
+
+verify: $(NATIVE_DEPS) ## check bit-for-bit reproducibility of EXP (repeat, kill+resume)
+	$(call cli,verify) verify -e $(EXP) $(ARGS)
+
+unite-logs: $(NATIVE_DEPS) ## gather all experiments' TensorBoard runs into experiments/.tensorboard
+	$(call cli,tensorboard) unite-logs $(ARGS)
+
+tensorboard: $(NATIVE_DEPS) ## serve all experiments' TensorBoard runs (http://127.0.0.1:6006)
+ifeq ($(RUNNER),docker)
+	docker compose up tensorboard
+else
+	$(call cli,tensorboard) tensorboard $(ARGS)
+endif
+
+test: $(VENV)/.installed ## run the test suite (natively)
+	$(VENV)/bin/python -m pytest $(ARGS)
+
+UV = $(VENV)/bin/uv
+LOCK_FLAGS = --quiet --universal --generate-hashes --python-version 3.11 --no-header --custom-compile-command "make lock"
+
+lock: ## regenerate requirements.txt and requirements-dev.txt from pyproject.toml (needs uv and PyPI)
+	test -x $(UV) || $(VENV)/bin/python -m pip install --quiet uv
+	UV_NATIVE_TLS=1 $(UV) pip compile $(LOCK_FLAGS) pyproject.toml -o requirements.txt
+	UV_NATIVE_TLS=1 $(UV) pip compile $(LOCK_FLAGS) --extra test pyproject.toml -o requirements-dev.txt
