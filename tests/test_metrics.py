@@ -140,3 +140,10 @@ def test_legacy_scoring():
     assert missed["accuracy"] == pytest.approx(1 - 27 / 1000)
     assert missed["normalized_hausdorff_distance"] == 0.0  # a missing object: infinite distance
     assert metrics.legacy_semantic(np.zeros((3, 3, 3)), np.zeros((3, 3, 3)))["iou"] == 1.0
+
+
+def test_sparse_truth_ids_are_handled():
+    truth = box((10, 10, 10), np.s_[0:3, 0:3, 0:3], np.s_[6:9, 6:9, 6:9], value=0).astype(np.uint64)
+    truth[truth == 2] = 10**9
+    counts = metrics.instance_counts(truth, truth > 0, VOXEL)
+    assert (counts.tp, counts.fp, counts.fn) == (2, 0, 0) and counts.combined == 1.0

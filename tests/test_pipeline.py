@@ -67,6 +67,16 @@ def test_predictions_and_processed_masks(smoke_run):
     assert len(list(prediction.iterdir())) >= 48
 
 
+def test_evaluation_of_the_tiny_crop(smoke_run):
+    out = smoke_run["experiment"] / "logs" / "evaluation"
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["crops"] == [3]
+    assert set(scores["classes"]) == {"ecs", "pm", "mito_mem", "mito_lum", "cyto", "nuc", "ves", "mito", "cell"}
+    assert 0.0 <= scores["overall_score"] <= 1.0
+    assert "| class |" in (out / "scores.md").read_text()
+    assert (out / "scores.png").stat().st_size > 1000
+
+
 def test_retraining_reproduces_the_checkpoints_bit_for_bit(smoke_run):
     ckpts = smoke_run["experiment"] / "checkpoints"
     first = json.loads((ckpts / "manifest.json").read_text())

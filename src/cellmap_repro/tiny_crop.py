@@ -140,11 +140,6 @@ def raw_volume(scene: Scene, seed: int) -> np.ndarray:
     return np.clip(raw + noise, 0, 255).astype(np.uint8)
 
 
-def downsample_labels(array: np.ndarray) -> np.ndarray:
-    """2x nearest downsampling: keeps instance ids intact and 0/1 masks binary."""
-    return np.ascontiguousarray(array[::2, ::2, ::2])
-
-
 def annotation_attrs(class_name: str, array: np.ndarray) -> dict:
     from cellmap_schemas.annotation import (
         AnnotationArrayAttrs,
@@ -232,7 +227,11 @@ def write_dataset(root: Path, seed: int) -> Path:
         )
         groundtruth = recon.create_group("labels").create_group("groundtruth")
         for crop_id, (_usage, translation, annotated) in CROPS.items():
-            labels = scene.labels(world_axes(translation, (LABEL_VOXEL,) * 3, CROP_SHAPE))
+            levels = label_levels(translation)
+            # Each level is sampled from the scene at its own voxel centres, so every
+            # level agrees with its metadata (a [::2] subsample would be off by half a voxel).
+            shapes = (CROP_SHAPE, tuple(n // 2 for n in CROP_SHAPE))
+            labels, labels_s1 = (scene.labels(world_axes(level.translation, level.scale, shape)) for level, shape in zip(levels, shapes))
             crop = groundtruth.create_group(f"crop{crop_id}")
             crop_attrs = CropGroupAttrs(
                 name=f"crop{crop_id}",
@@ -246,20 +245,17 @@ def write_dataset(root: Path, seed: int) -> Path:
                 class_names=sorted(annotated),
             )
             crop.attrs.update(wrap_attributes(crop_attrs).model_dump(mode="json"))
-            levels = label_levels(translation)
             for name in annotated:
                 dtype = np.uint32 if class_table()[name].instance else np.uint8
-                s0 = labels[name].astype(dtype)
                 write_multiscale(
                     crop,
                     name,
-                    [s0, downsample_labels(s0)],
+                    [labels[name].astype(dtype), labels_s1[name].astype(dtype)],
                     levels,
                     array_attrs=lambda data, name=name: annotation_attrs(name, data),
                     group_attrs=group_annotation_attrs(name),
                 )
-            ids = all_ids(labels, annotated)
-            write_multiscale(crop, "all", [ids, downsample_labels(ids)], levels)
+            write_multiscale(crop, "all", [all_ids(labels, annotated), all_ids(labels_s1, annotated)], levels)
     return container
 
 

@@ -1,0 +1,63 @@
+"""pack: the submission zip reopens, matches the manifest, and bad input is refused."""
+
+import zipfile
+
+import numpy as np
+import pytest
+import zarr
+
+from cellmap_repro.errors import ReproError
+from cellmap_repro.pack import pack, read_manifest, validate_submission
+
+from test_evaluate import write_processed
+
+HEADER = "crop_name,dataset,class_label,voxel_size,translation,shape\n"
+
+
+def manifest(tmp_path, rows):
+    path = tmp_path / "test_crop_manifest.csv"
+    path.write_text(HEADER + "".join(rows))
+    return path
+
+
+def test_pack_writes_a_valid_submission(tmp_path, tiny_dataset):
+    data_root = tmp_path / "data"
+    write_processed(data_root / "processed" / "fast", tiny_dataset, 3, ["ecs", "mito"])
+    path = manifest(tmp_path, [
+        "3,jrc_tiny-1,ecs,[4.0;4.0;4.0],[798.0;862.0;814.0],[96;96;96]\n",
+        "3,jrc_tiny-1,mito,[8.0;8.0;8.0],[800.0;864.0;816.0],[48;48;48]\n",
+    ])
+    out = pack("fast", path, data_root, tmp_path / "submission.zip")
+    validate_submission(out, read_manifest(path))
+    with zipfile.ZipFile(out) as archive:
+        names = archive.namelist()
+    assert ".zgroup" in names and "crop3/ecs/.zarray" in names
+    root = zarr.open_group(zarr.ZipStore(str(out), mode="r"), mode="r")
+    truth = zarr.open_array(str(tiny_dataset / "recon-1/labels/groundtruth/crop3/ecs/s0"), mode="r")[:]
+    assert root["crop3/ecs"].dtype == np.uint8
+    assert np.array_equal(root["crop3/ecs"][:] > 0, truth > 0)
+    assert root["crop3/mito"].shape == (48, 48, 48)
+    assert root["crop3/mito"].attrs["voxel_size"] == [8.0, 8.0, 8.0]
+    assert root["crop3/mito"][:].max() >= 1
+
+
+def test_missing_class_and_uncovered_crop_are_refused(tmp_path, tiny_dataset):
+    data_root = tmp_path / "data"
+    write_processed(data_root / "processed" / "fast", tiny_dataset, 3, ["ecs"])
+    missing = manifest(tmp_path, ["3,jrc_tiny-1,nuc,[4.0;4.0;4.0],[798.0;862.0;814.0],[96;96;96]\n"])
+    with pytest.raises(ReproError, match="no processed prediction for crop 3 class 'nuc'"):
+        pack("fast", missing, data_root, tmp_path / "a.zip")
+    too_big = manifest(tmp_path, ["3,jrc_tiny-1,ecs,[4.0;4.0;4.0],[798.0;862.0;814.0],[200;96;96]\n"])
+    with pytest.raises(ReproError, match="not the crop's"):
+        pack("fast", too_big, data_root, tmp_path / "b.zip")
+    assert not (tmp_path / "a.zip").exists() and not (tmp_path / "b.zip").exists()
+
+
+def test_validate_catches_a_wrong_shape(tmp_path, tiny_dataset):
+    data_root = tmp_path / "data"
+    write_processed(data_root / "processed" / "fast", tiny_dataset, 3, ["ecs"])
+    path = manifest(tmp_path, ["3,jrc_tiny-1,ecs,[4.0;4.0;4.0],[798.0;862.0;814.0],[96;96;96]\n"])
+    out = pack("fast", path, data_root, tmp_path / "s.zip")
+    wrong = read_manifest(manifest(tmp_path, ["3,jrc_tiny-1,ecs,[4.0;4.0;4.0],[798.0;862.0;814.0],[90;96;96]\n"]))
+    with pytest.raises(ReproError, match="has shape"):
+        validate_submission(out, wrong)
