@@ -18,7 +18,7 @@ $(error RUNNER must be local or docker, not '$(RUNNER)')
 endif
 
 .DEFAULT_GOAL := help
-.PHONY: lock help install smoke tiny-crop download weights datasplit train predict process evaluate pack verify tensorboard unite-logs test
+.PHONY: image lint lock help install smoke tiny-crop download weights datasplit train predict process evaluate pack verify tensorboard unite-logs test
 
 help: ## list the targets
 	@echo "cellmap-repro (RUNNER=$(RUNNER), EXP=$(EXP)); pass extra flags with ARGS='...'"
@@ -90,3 +90,30 @@ lock: ## regenerate requirements.txt and requirements-dev.txt from pyproject.tom
 	test -x $(UV) || $(VENV)/bin/python -m pip install --quiet uv
 	UV_NATIVE_TLS=1 $(UV) pip compile $(LOCK_FLAGS) pyproject.toml -o requirements.txt
 	UV_NATIVE_TLS=1 $(UV) pip compile $(LOCK_FLAGS) --extra test pyproject.toml -o requirements-dev.txt
+
+# ---------------------------------------------------------------- containers
+DOCKER ?= docker
+IMAGE ?= cellmap-repro:latest
+# Empty BASE_IMAGE means the Dockerfile's pinned CUDA base.
+BASE_IMAGE ?=
+EXTRA_CA ?=
+REVISION ?= $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
+LOCK_SHA256 := $(shell sha256sum requirements.txt | cut -d' ' -f1)
+export UID := $(shell id -u)
+export GID := $(shell id -g)
+export IMAGE REVISION LOCK_SHA256 EXP
+# GPU reservations only where an NVIDIA driver exists; otherwise the CPU override.
+export COMPOSE_FILE ?= $(if $(shell command -v nvidia-smi 2>/dev/null),compose.yaml,compose.yaml:compose.cpu.yaml)
+comma := ,
+
+image: ## build the container image (BASE_IMAGE=..., EXTRA_CA=ca-bundle.crt behind a TLS proxy)
+	DOCKER_BUILDKIT=1 $(DOCKER) build --progress=plain -f docker/Dockerfile -t $(IMAGE) \
+	  $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg APT_SNAPSHOT=) \
+	  $(if $(EXTRA_CA),--secret id=extra_ca$(comma)src=$(EXTRA_CA)) \
+	  --build-arg UID=$(UID) --build-arg GID=$(GID) \
+	  --build-arg REVISION=$(REVISION) --build-arg LOCK_SHA256=$(LOCK_SHA256) .
+
+lint: ## lint the Dockerfile (hadolint) and validate compose.yaml (schema and docker compose config)
+	$(VENV)/bin/hadolint docker/Dockerfile
+	$(VENV)/bin/check-jsonschema --builtin-schema vendor.compose-spec compose.yaml
+	docker compose config -q

@@ -27,7 +27,8 @@ def epoch_name(epoch: int) -> str:
 
 def trainable_state(model) -> dict:
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if k in trainable}
+    # CPU copies: the same weights give the same bytes whichever device trained them.
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in trainable}
 
 
 def save(path: Path, state: dict) -> str:

@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         # cellmap-data logs per-array warnings that are noise for a user.
         logging.getLogger("cellmap_data").setLevel(logging.ERROR)
     try:
+        from cellmap_repro.gpu import require_gpu_if_asked
+
+        require_gpu_if_asked(args.stage)
         result = args.func(args)
     except ReproError as exc:
         print(f"cellmap-repro: error: {exc}", file=sys.stderr)

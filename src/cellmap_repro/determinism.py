@@ -85,6 +85,16 @@ def restore_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+def device():
+    """CUDA when a GPU is usable (and not disabled with CELLMAP_REPRO_DEVICE=cpu), else CPU."""
+    import torch
+
+    wanted = os.environ.get("CELLMAP_REPRO_DEVICE", "auto")
+    if wanted == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda" if wanted == "auto" else wanted)
+
+
 def flags() -> dict:
     """The settings that decide determinism, for the run manifest."""
     import torch

@@ -158,7 +158,8 @@ def predict(
     state = checkpoint.load(ckpt_path)
     model = config.model
     checkpoint.load_into(model, state, ckpt_path)
-    model.eval()
+    device = determinism.device()
+    model.to(device).eval()
     ckpt_digest = checkpoint.recorded_digest(ckpt_path)
     determinism.configure(config.random_seed, torch.get_num_threads(), config.deterministic)
 
@@ -191,11 +192,11 @@ def predict(
             if done.get("checkpoint_sha256") == ckpt_digest and done.get("shape") == record["shape"]:
                 print(f"crop{target.crop_id}: up to date, skipped ({crop_dir})")
                 continue
-        _predict_crop(model, config, raw, crop_dir, grid_start, grid_shape, in_shape, out_shape, level, record, progress, f"predict crop{target.crop_id}")
+        _predict_crop(model, config, raw, crop_dir, grid_start, grid_shape, in_shape, out_shape, level, record, progress, f"predict crop{target.crop_id}", device)
     return out_root
 
 
-def _predict_crop(model, config, raw, crop_dir: Path, grid_start, grid_shape, in_shape, out_shape, level, record, progress, desc):
+def _predict_crop(model, config, raw, crop_dir: Path, grid_start, grid_shape, in_shape, out_shape, level, record, progress, desc, device):
     import torch
     import zarr
     from tqdm import tqdm
@@ -232,7 +233,7 @@ def _predict_crop(model, config, raw, crop_dir: Path, grid_start, grid_shape, in
             block = torch.from_numpy(read_padded(raw, start, np.array(in_shape)))
             block = transform(block) if transform is not None else block.float()
             with torch.no_grad():
-                logits = model(block[None, None].float())[0].numpy()
+                logits = model(block[None, None].float().to(device))[0].cpu().numpy()
             write = np.minimum(np.array(out_shape), grid_shape - np.array(tile))
             region = tuple(slice(t, t + w) for t, w in zip(tile, write))
             for channel, class_name in enumerate(config.classes):

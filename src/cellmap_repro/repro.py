@@ -44,6 +44,7 @@ FACTOR_PREFIXES = (
     "software",
     "determinism",
     "hardware",
+    "device",
     "git.commit",
 )
 CONFIG_SUFFIXES = (".py", ".csv", ".md")

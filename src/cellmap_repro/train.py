@@ -140,14 +140,17 @@ def train(
     _check_start(checkpoints_dir, experiment.logs_dir / "tensorboard" / config.model_name, resume, overwrite)
 
     determinism.configure(run.seed, run.threads, config.deterministic)
+    device = determinism.device()
     model = config.model
     for module in trainable_modules(model):
         module.reset_parameters()
+    # In place: the optimizer built by the config keeps pointing at these parameters.
+    model.to(device)
     optimizer = config.optimizer
     scheduler = config.scheduler
     training_data = data_module.build(experiment)
     class_weights = training_data.class_weights()
-    criterion = make_criterion(config, class_weights)
+    criterion = make_criterion(config, class_weights).to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     manifest_path = checkpoints_dir / manifest.MANIFEST_NAME
@@ -205,8 +208,8 @@ def train(
             model.train()
             for batch in data_module.loader(samples, run.batch_size, run.num_workers, start=start):
                 optimizer.zero_grad(set_to_none=True)
-                logits = model(batch[data_module.INPUT_KEY])
-                loss = masked_loss(criterion, logits, batch[data_module.TARGET_KEY])
+                logits = model(batch[data_module.INPUT_KEY].to(device))
+                loss = masked_loss(criterion, logits, batch[data_module.TARGET_KEY].to(device))
                 loss.backward()
                 if config.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
@@ -221,7 +224,7 @@ def train(
                 bar.set_postfix(epoch=epoch + 1, loss=f"{value:.4g}")
                 if iteration % run.checkpoint_every == 0 and iteration % run.iterations_per_epoch:
                     checkpoint.save(checkpoints_dir / "latest.pth", state_dict(epoch_done=False))
-            score = validate(model, criterion, training_data, run, data_module)
+            score = validate(model, criterion, training_data, run, data_module, device)
             if scheduler is not None:
                 scheduler.step()
             if score is not None:
@@ -243,7 +246,7 @@ def train(
     return TrainResult(iteration, iteration // run.iterations_per_epoch, checkpoints_dir, log.tensorboard_dir, manifest_path, run_manifest["checkpoints"])
 
 
-def validate(model, criterion, training_data, run: Settings, data_module) -> float | None:
+def validate(model, criterion, training_data, run: Settings, data_module, device) -> float | None:
     """Mean masked loss over a fixed set of validation batches (lower is better)."""
     import torch
 
@@ -256,8 +259,8 @@ def validate(model, criterion, training_data, run: Settings, data_module) -> flo
     losses = []
     with torch.no_grad():
         for batch in data_module.loader(samples, run.batch_size, run.num_workers):
-            logits = model(batch[data_module.INPUT_KEY])
-            losses.append(float(masked_loss(criterion, logits, batch[data_module.TARGET_KEY])))
+            logits = model(batch[data_module.INPUT_KEY].to(device))
+            losses.append(float(masked_loss(criterion, logits, batch[data_module.TARGET_KEY].to(device))))
     return sum(losses) / len(losses)
 
 
@@ -276,6 +279,7 @@ def _start_manifest(experiment, training_data, run: Settings, overrides: dict, c
         "model_name": config.model_name,
         "seed": run.seed,
         "settings": run.__dict__,
+        "device": str(determinism.device()),
         "overrides": overrides,
         "config_sha256": manifest.config_hash(experiment.directory, {"overrides": overrides, "seed": run.seed}),
         "datasplit_sha256": sha256_file(experiment.datasplit_path),
