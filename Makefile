@@ -18,7 +18,7 @@ $(error RUNNER must be local or docker, not '$(RUNNER)')
 endif
 
 .DEFAULT_GOAL := help
-.PHONY: image lint lock help install smoke tiny-crop download weights datasplit train predict process evaluate pack verify tensorboard unite-logs test
+.PHONY: gpu-check image lint lock help install smoke tiny-crop download weights datasplit train predict process evaluate pack verify tensorboard unite-logs test
 
 help: ## list the targets
 	@echo "cellmap-repro (RUNNER=$(RUNNER), EXP=$(EXP)); pass extra flags with ARGS='...'"
@@ -79,6 +79,9 @@ ifeq ($(RUNNER),docker)
 else
 	$(call cli,tensorboard) tensorboard $(ARGS)
 endif
+
+gpu-check: $(NATIVE_DEPS) ## check GPU, driver and CUDA for the image (in the train service's container)
+	$(call cli,train) gpu-check
 
 test: $(VENV)/.installed ## run the test suite (natively)
 	$(VENV)/bin/python -m pytest $(ARGS)
