@@ -198,17 +198,9 @@ def print_report(report: dict) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cellmap_repro.experiment import experiment_dir
-    from cellmap_repro.train import Overrides
+    from cellmap_repro.train import overrides_from_args
 
-    overrides = Overrides(
-        epochs=args.epochs,
-        iterations_per_epoch=args.iterations_per_epoch,
-        batch_size=args.batch_size,
-        validation_batches=args.validation_batches,
-        seed=args.seed,
-        checkpoint_every=args.checkpoint_every,
-        num_workers=args.num_workers,
-    ).as_dict()
+    overrides = overrides_from_args(args).as_dict()
     checks = tuple(c for c in ("repeat", "resume") if c not in (args.skip or []))
     if args.threads:
         # The training runs are subprocesses; thread count is part of what must match.

@@ -31,8 +31,7 @@ def _may_replace(checkpoints_dir: Path) -> bool:
 
 def smoke(experiment: str, experiments_root=None, data_root=None, seed: int = 0) -> dict:
     from cellmap_repro import predict, process, tiny_crop, train
-    from cellmap_repro.datasplit import write_datasplit
-    from cellmap_repro.experiment import experiment_dir, load_experiment
+    from cellmap_repro.experiment import experiment_dir
 
     data = settings.data_root(data_root)
     timings: dict[str, float] = {}
@@ -48,8 +47,7 @@ def smoke(experiment: str, experiments_root=None, data_root=None, seed: int = 0)
     if not _may_replace(checkpoints_dir):
         raise ReproError(f"{checkpoints_dir} holds a real (non-smoke) run; move it away or use another experiment for the smoke run")
     info = tiny_crop.write_tiny_crop(data, seed=seed)
-    config = load_experiment(experiment, experiments_root, parts=("data",))
-    write_datasplit(config.datasplit_path, tiny_crop.datasplit_rows(Path(info["dataset"]), config.classes, relative_to=Path.cwd()))
+    tiny_crop.write_experiment_datasplit(experiment, experiments_root, Path(info["dataset"]))
     lap("tiny-crop")
     result = train.train(experiment, experiments_root, train.Overrides(**SMOKE_OVERRIDES), overwrite=True)
     lap("train")

@@ -346,10 +346,17 @@ def write_tiny_crop(data_root: Path, seed: int = 0, weights_dir: Path | None = N
     return info
 
 
-def run(args: argparse.Namespace) -> int:
+def write_experiment_datasplit(experiment_name: str, experiments_root, container: Path) -> Path:
+    """Point an experiment's datasplit.csv at the tiny crop (paths relative to the working directory)."""
     from cellmap_repro.datasplit import write_datasplit
     from cellmap_repro.experiment import load_experiment
 
+    experiment = load_experiment(experiment_name, experiments_root, parts=("data",))
+    write_datasplit(experiment.datasplit_path, datasplit_rows(container, experiment.classes, relative_to=Path.cwd()))
+    return experiment.datasplit_path
+
+
+def run(args: argparse.Namespace) -> int:
     data = settings.data_root(args.data)
     info = write_tiny_crop(data, seed=args.seed, weights_dir=settings.weights_root(args.weights, data))
     print(f"tiny crop: {info['dataset']}")
@@ -358,10 +365,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         print("real setup04 weights already present: left untouched")
     if args.write_datasplit:
-        experiment = load_experiment(args.experiment, args.experiments_root, parts=("data",))
-        rows = datasplit_rows(Path(info["dataset"]), experiment.classes, relative_to=Path.cwd())
-        write_datasplit(experiment.datasplit_path, rows)
-        print(f"datasplit: {experiment.datasplit_path}")
+        path = write_experiment_datasplit(args.experiment, args.experiments_root, Path(info["dataset"]))
+        print(f"datasplit: {path}")
     return 0
 
 

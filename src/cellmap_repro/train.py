@@ -297,8 +297,8 @@ def _start_manifest(experiment, training_data, run: Settings, overrides: dict, c
     }
 
 
-def run_cli(args: argparse.Namespace) -> int:
-    overrides = Overrides(
+def overrides_from_args(args: argparse.Namespace) -> Overrides:
+    return Overrides(
         epochs=args.epochs,
         iterations_per_epoch=args.iterations_per_epoch,
         batch_size=args.batch_size,
@@ -307,6 +307,10 @@ def run_cli(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         num_workers=args.num_workers,
     )
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    overrides = overrides_from_args(args)
     result = train(args.experiment, args.experiments_root, overrides, resume=args.resume, overwrite=args.overwrite, threads=args.threads)
     print(f"checkpoints: {result.checkpoints_dir}")
     print(f"tensorboard: {result.tensorboard_dir}")
