@@ -14,7 +14,6 @@ continues a partial crop where it stopped.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import shutil
@@ -82,28 +81,16 @@ def targets_from_datasplit(rows, which: str) -> list[CropTarget]:
     return targets
 
 
-def _vector(text: str) -> tuple[float, ...]:
-    return tuple(float(v) for v in text.strip("[]").split(";"))
-
-
 def targets_from_manifest(path: Path, data: Path, raw_path: str = "recon-1/em/fibsem-uint8") -> list[CropTarget]:
-    """Test crops from a toolbox test-crop manifest (``crop_name,dataset,class_label,voxel_size,translation,shape``)."""
-    if not path.exists():
-        raise ReproError(f"test crop manifest not found: {path}")
+    """Test crops from a toolbox test-crop manifest (one row per scored class of a crop)."""
+    from cellmap_repro.pack import read_manifest
+
     crops: dict[int, CropTarget] = {}
-    with open(path, newline="") as handle:
-        for line, row in enumerate(csv.DictReader(handle), start=2):
-            try:
-                crop_id = int(row["crop_name"].removeprefix("crop"))
-                scale, translation, shape = _vector(row["voxel_size"]), _vector(row["translation"]), _vector(row["shape"])
-            except (KeyError, ValueError, AttributeError) as exc:
-                raise ReproError(f"{path}:{line}: malformed test-crop row ({exc})") from None
-            low = tuple(t - s / 2 for t, s in zip(translation, scale))
-            high = tuple(lo + s * n for lo, s, n in zip(low, scale, shape))
-            dataset = row["dataset"]
-            crops.setdefault(crop_id, CropTarget(dataset, crop_id, data / dataset / f"{dataset}.zarr" / raw_path, low, high))
-    if not crops:
-        raise ReproError(f"{path}: no test crops listed")
+    for row in read_manifest(path):
+        low = tuple(t - s / 2 for t, s in zip(row.translation, row.voxel_size))
+        high = tuple(lo + s * n for lo, s, n in zip(low, row.voxel_size, row.shape))
+        raw_group = data / row.dataset / f"{row.dataset}.zarr" / raw_path
+        crops.setdefault(row.crop_id, CropTarget(row.dataset, row.crop_id, raw_group, low, high))
     return [crops[k] for k in sorted(crops)]
 
 

@@ -1,0 +1,36 @@
+"""predict and process on the fast experiment: test-crop manifests, resume, skip when up to date."""
+
+import numpy as np
+import zarr
+
+from cellmap_repro import predict, process, train
+from cellmap_repro.storage import read_levels
+
+
+def test_predict_test_manifest_then_process(fast_experiment, tiny_dataset, tmp_path):
+    train.train("fast", overrides=train.Overrides(epochs=1, iterations_per_epoch=1, batch_size=1, validation_batches=0), progress=False)
+    data = tmp_path / "data"
+    (data / "jrc_tiny-1").mkdir(parents=True)
+    (data / "jrc_tiny-1" / "jrc_tiny-1.zarr").symlink_to(tiny_dataset)
+    manifest = tmp_path / "test_crop_manifest.csv"
+    manifest.write_text(
+        "crop_name,dataset,class_label,voxel_size,translation,shape\n"
+        "3,jrc_tiny-1,ecs,[4.0;4.0;4.0],[798.0;862.0;814.0],[96;96;96]\n"
+        "3,jrc_tiny-1,mito,[4.0;4.0;4.0],[798.0;862.0;814.0],[96;96;96]\n"
+    )
+    out = predict.predict("fast", data_root=data, test_manifest=manifest, progress=False)
+    crop = out / "jrc_tiny-1.zarr" / "crop3"
+    logits = zarr.open_array(str(crop / "mito" / "s0"), mode="r")
+    assert logits.shape == (48, 48, 48) and logits.dtype == np.float32
+    (level,) = read_levels(crop / "mito")
+    assert level.translation == (800.0, 864.0, 816.0) and level.scale == (8.0, 8.0, 8.0)
+    assert np.isfinite(logits[:]).all() and logits[:].std() > 0, "every tile was written"
+    # a second run finds the crop up to date and leaves it untouched
+    before = (crop / "mito" / "s0" / ".zarray").stat().st_mtime_ns
+    predict.predict("fast", data_root=data, test_manifest=manifest, progress=False)
+    assert (crop / "mito" / "s0" / ".zarray").stat().st_mtime_ns == before
+    processed = process.process("fast", data_root=data, progress=False)
+    mito = zarr.open_array(str(processed / "jrc_tiny-1.zarr" / "crop3" / "mito" / "s0"), mode="r")
+    ecs = zarr.open_array(str(processed / "jrc_tiny-1.zarr" / "crop3" / "ecs" / "s0"), mode="r")
+    assert mito.dtype == np.uint64 and ecs.dtype == np.uint8
+    assert np.array_equal(ecs[:] > 0, zarr.open_array(str(crop / "ecs" / "s0"), mode="r")[:] > 0)
