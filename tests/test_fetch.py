@@ -121,3 +121,32 @@ def test_bad_crop_id_missing_object_and_server_down(s3, tmp_path):
     one_line_error(fetch_cli(s3, data, "--crops", "77"), "object missing")
     down = cli("fetch", "--data", str(data), "--endpoint-url", "http://127.0.0.1:9", "--manifest", f"s3://{BUCKET}/manifest.csv")
     one_line_error(down, "cannot reach S3")
+
+
+def test_disk_full_is_one_clear_error_and_leaves_no_partial_file(s3, tmp_path, monkeypatch):
+    import errno
+    import pathlib
+
+    from cellmap_repro import fetch
+    from cellmap_repro.errors import ReproError
+
+    data = tmp_path / "data"
+    real_write = pathlib.Path.write_bytes
+    written = []
+
+    def fill_up(self, payload):
+        if len(written) >= 5:
+            real_write(self, payload[: len(payload) // 2])  # a partial temporary file, as a full disk leaves it
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(self)
+        return real_write(self, payload)
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", fill_up)
+    with pytest.raises(ReproError, match="disk full while writing"):
+        fetch.fetch(data, manifest=f"s3://{BUCKET}/manifest.csv", crops="1", endpoint=s3.endpoint, workers=1, progress=False)
+    monkeypatch.setattr(pathlib.Path, "write_bytes", real_write)
+    leftovers = [p for p in data.rglob("*") if p.is_file() and p.name.endswith(".tmp")]
+    assert not leftovers, "no temporary file survives"
+    recorded = json.loads((data / ".cellmap-repro-fetch.json").read_text())
+    assert len(recorded) == 5, "what was fetched before the disk filled is kept and recorded"
+    assert cli("fetch", "--data", str(data), "--verify").returncode == 0

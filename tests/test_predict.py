@@ -1,5 +1,7 @@
 """predict and process on the fast experiment: test-crop manifests, resume, skip when up to date."""
 
+import shutil
+
 import numpy as np
 import zarr
 
@@ -34,3 +36,37 @@ def test_predict_test_manifest_then_process(fast_experiment, tiny_dataset, tmp_p
     ecs = zarr.open_array(str(processed / "jrc_tiny-1.zarr" / "crop3" / "ecs" / "s0"), mode="r")
     assert mito.dtype == np.uint64 and ecs.dtype == np.uint8
     assert np.array_equal(ecs[:] > 0, zarr.open_array(str(crop / "ecs" / "s0"), mode="r")[:] > 0)
+
+
+def test_interrupted_prediction_resumes_tile_by_tile(fast_experiment, tiny_dataset, tmp_path, monkeypatch):
+    import torch
+
+    train.train("fast", overrides=train.Overrides(epochs=1, iterations_per_epoch=1, batch_size=1, validation_batches=0), progress=False)
+    data = tmp_path / "data"
+    reference = predict.predict("fast", data_root=data, max_input=24, progress=False)
+    crop = reference / "jrc_tiny-1.zarr" / "crop3"
+    expected = zarr.open_array(str(crop / "mito" / "s0"), mode="r")[:]
+    shutil.rmtree(crop)  # predict it again from nothing
+
+    calls = []
+    original_forward = torch.nn.Sequential.forward
+
+    def failing_forward(self, x):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt  # the user presses Ctrl-C during the fifth tile
+        return original_forward(self, x)
+
+    monkeypatch.setattr(torch.nn.Sequential, "forward", failing_forward)
+    try:
+        predict.predict("fast", data_root=data, max_input=24, progress=False)
+    except KeyboardInterrupt:
+        pass
+    partial = crop.with_name("crop3.partial")
+    assert partial.exists() and not crop.exists(), "an interrupted crop is never presented as complete"
+    calls.clear()
+    monkeypatch.setattr(torch.nn.Sequential, "forward", lambda self, x: (calls.append(1), original_forward(self, x))[1])
+    predict.predict("fast", data_root=data, max_input=24, progress=False)
+    tiles = 2 * 2 * 2  # 48 voxels per axis in tiles of the smallest output, 32
+    assert len(calls) == tiles - 4, "only the tiles not finished before the interruption are predicted"
+    assert np.array_equal(zarr.open_array(str(crop / "mito" / "s0"), mode="r")[:], expected)
