@@ -147,3 +147,111 @@ def test_sparse_truth_ids_are_handled():
     truth[truth == 2] = 10**9
     counts = metrics.instance_counts(truth, truth > 0, VOXEL)
     assert (counts.tp, counts.fp, counts.fn) == (2, 0, 0) and counts.combined == 1.0
+
+
+def test_unmatched_component_sharing_a_truth_id_counts_toward_its_distance():
+    # As the toolbox does (fastremap with preserve_missing_labels): after matching, an
+    # unmatched predicted component keeps its connected-component id, so one numbered
+    # like a truth object joins that object's prediction for the Hausdorff distance.
+    truth = box((20, 20, 20), np.s_[4:7, 4:7, 4:7], value=0)
+    first = box((20, 20, 20), np.s_[0:1, 0:1, 0:1], np.s_[4:7, 4:7, 4:7], value=0)
+    counts = metrics.instance_counts(truth, first, VOXEL)
+    # raster order: the stray voxel is component 1, the exact copy component 2 (matched
+    # to truth 1); the stray voxel is 4·√3 from the corner (4, 4, 4); d_max = 20/2 = 10
+    assert (counts.tp, counts.fp, counts.fn) == (1, 1, 0)
+    assert counts.distances == pytest.approx([4 * math.sqrt(3), 10.0])
+    assert counts.hausdorff_score == pytest.approx((1.01**-4 + 1.01 ** (-10 / NORM)) / 2)
+    # the same stray voxel after the object in raster order is component 2: no collision
+    last = box((20, 20, 20), np.s_[4:7, 4:7, 4:7], np.s_[19:20, 19:20, 19:20], value=0)
+    assert metrics.instance_counts(truth, last, VOXEL).distances == pytest.approx([0.0, 10.0])
+
+
+def test_ratio_guard_counts_truth_objects_by_largest_id():
+    pred = np.zeros((20, 20, 20), np.uint16)
+    pred[0:20:4, 0:20:4, 0:12:4] = 1  # 75 isolated voxels
+    truth = np.zeros((20, 20, 20), np.uint16)
+    truth[17:20, 17:20, 17:20] = 1
+    # one object: cutoff 10 + 50·e^(−1/5) ≈ 50.9 < 75
+    assert metrics.instance_counts(truth, pred, VOXEL).skipped
+    # the same object numbered 3 counts as 3: cutoff 10 + 50·e^(−3/5) ≈ 37.4 > 75/3
+    truth[truth == 1] = 3
+    counts = metrics.instance_counts(truth, pred, VOXEL)
+    assert counts.skipped is None and (counts.tp, counts.fp, counts.fn) == (0, 75, 1)
+
+
+def test_matching_costs_are_the_toolbox_integers():
+    # IoU is stored as float32: 0.3 becomes 0.30000001192..., so ⌊0.69999998808·10⁶⌋
+    assert metrics.matching_costs(np.array([0.3, 0.5, 1.0])).tolist() == [699999, 500000, 0]
+
+
+def test_optimal_matching_minimises_the_toolbox_cost_on_random_graphs():
+    import itertools
+
+    rng = np.random.default_rng(0)
+
+    def cost(n_truth, pairs, costs):
+        return sum(costs[p] for p in pairs) + (n_truth - len(pairs)) * (metrics.MATCH_SCALE + 1)
+
+    for _ in range(200):
+        n_truth, n_pred = rng.integers(1, 5), rng.integers(1, 5)
+        present = rng.random((n_truth, n_pred)) < 0.5
+        rows, cols = np.nonzero(present)
+        iou = rng.choice([0.2, 0.25, 0.5, 0.75, 1.0], len(rows))
+        costs = dict(zip(zip(rows.tolist(), cols.tolist()), metrics.matching_costs(iou).tolist()))
+        best = min(
+            cost(n_truth, chosen, costs)
+            for k in range(min(n_truth, n_pred) + 1)
+            for chosen in itertools.combinations(costs, k)
+            if len({r for r, _ in chosen}) == k and len({c for _, c in chosen}) == k
+        )
+        found = metrics.optimal_matching(n_truth, n_pred, rows, cols, iou)
+        assert len({r for r, _ in found}) == len(found) == len({c for _, c in found})
+        assert all(pair in costs for pair in found)
+        assert cost(n_truth, found, costs) == best
+
+
+def test_legacy_quirks_of_the_2025_04_release():
+    truth = box((10, 10, 10), np.s_[0:3, 0:3, 0:3], np.s_[6:9, 6:9, 6:9], value=0)
+    # no predicted object: no distance to average, so 0 nm and a normalised score of 1
+    empty = metrics.legacy_instance(truth, np.zeros_like(truth), VOXEL)
+    assert empty["accuracy"] == pytest.approx(1 - 54 / 1000) and empty["normalized_hausdorff_distance"] == 1.0
+    assert empty["combined_score"] == pytest.approx(math.sqrt(1 - 54 / 1000))
+    # the Hungarian assignment pairs objects that do not overlap, and they are relabelled
+    one_truth = box((10, 10, 10), np.s_[0:3, 0:3, 0:3], value=0)
+    far = box((10, 10, 10), np.s_[6:9, 6:9, 6:9], value=0)
+    scores = metrics.legacy_instance(one_truth, far, VOXEL)
+    assert scores["accuracy"] == pytest.approx(1 - 54 / 1000)
+    assert scores["hausdorff_distance"] == pytest.approx(6 * math.sqrt(3))  # (0,0,0) to (6,6,6)
+    assert scores["combined_score"] == pytest.approx(math.sqrt((1 - 54 / 1000) * 1.01**-6))
+    assert metrics.legacy_instance(truth, None, VOXEL) == {
+        "accuracy": 0.0, "hausdorff_distance": 0.0, "normalized_hausdorff_distance": 0.0, "combined_score": 0.0,
+    }
+    assert metrics.legacy_semantic(truth, None)["iou"] == 0.0
+
+
+def test_pooled_instance_scores_follow_the_toolbox_rules():
+    assert metrics.InstanceCounts().combined == 1.0  # nothing anywhere
+    only_false_positive = metrics.InstanceCounts(0, 1, 0, [1.01**-2], [2.0])
+    assert only_false_positive.f1 == 0.0 and only_false_positive.combined == 0.0
+    pooled = metrics.InstanceCounts(1, 0, 0, [1.0], [0.0]).add(metrics.InstanceCounts(0, 0, 1, [0.0], [math.inf]))
+    assert pooled.f1 == pytest.approx(2 / 3) and pooled.hausdorff_score == 0.5
+
+
+def test_upsampling_keeps_the_border_voxels():
+    # 8 nm voxel 0 centred at 800 nm spans 796-804; the 4 nm voxels centred at 798 and 802
+    # both lie inside it, so neither may fall off the edge.
+    pred = np.ones((3, 3, 3), np.uint16)
+    up = metrics.resample_to(pred, (8, 8, 8), (800, 800, 800), (6, 6, 6), (4, 4, 4), (798, 798, 798), instance=True)
+    assert np.all(up == 1)
+    # Linear interpolation against 0 beyond the border, as skimage's rescale in the toolbox:
+    # a border voxel's value is 0.75 per axis that touches the border, so faces (0.75) and
+    # edges (0.5625) stay foreground and the 8 crop corners (0.421875) drop out.
+    mask = metrics.resample_to(pred, (8, 8, 8), (800, 800, 800), (6, 6, 6), (4, 4, 4), (798, 798, 798), instance=False)
+    corners = np.zeros((6, 6, 6), bool)
+    corners[np.ix_([0, 5], [0, 5], [0, 5])] = True
+    assert np.array_equal(mask == 0, corners)
+    # the prediction spans 796-820 nm; half a prediction voxel of slack (predict keeps the
+    # voxels centred inside a crop) accepts up to 824 nm
+    assert metrics.covers((8, 8, 8), (800, 800, 800), (3, 3, 3), (4, 4, 4), (798, 798, 798), (7, 6, 6))
+    assert not metrics.covers((8, 8, 8), (800, 800, 800), (3, 3, 3), (4, 4, 4), (798, 798, 798), (8, 6, 6))
+    assert not metrics.covers((8, 8, 8), (800, 800, 800), (3, 3, 3), (4, 4, 4), (790, 798, 798), (6, 6, 6))

@@ -32,7 +32,20 @@ def _read_level(group: Path, where: str):
 
     levels = read_levels(group, where=where)
     array = zarr.open_array(str(group / levels[0].path), mode="r")[:]
+    if array.size == 0 or array.ndim != len(levels[0].scale):
+        raise ReproError(f"{where}: array {group / levels[0].path} has shape {list(array.shape)}, expected a non-empty {len(levels[0].scale)}-d volume")
     return array, levels[0]
+
+
+def _finite_or_none(value):
+    """JSON has no infinity: infinite distances (an object with no counterpart) become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_none(v) for v in value]
+    return value
 
 
 def _select(rows, crops: str):
@@ -71,6 +84,8 @@ def evaluate_experiment(experiment_dir: Path, data_root: Path | None = None, sco
         instance = table[name].instance
         if prediction_group.exists():
             pred, level = _read_level(prediction_group, f"prediction {name} of crop {row.crop_id}")
+            if not metrics.covers(level.scale, level.translation, pred.shape, truth_level.scale, truth_level.translation, truth.shape):
+                warnings.append(f"crop {row.crop_id}: prediction for '{name}' does not cover the whole crop ({prediction_group}); the rest is scored as background")
             pred = metrics.resample_to(pred, level.scale, level.translation, truth.shape, truth_level.scale, truth_level.translation, instance)
         else:
             pred = None
@@ -85,6 +100,8 @@ def evaluate_experiment(experiment_dir: Path, data_root: Path | None = None, sco
         elif instance:
             counts = metrics.instance_counts(truth, pred, truth_level.scale)
             entry.update({"tp": counts.tp, "fp": counts.fp, "fn": counts.fn, "distances_nm": counts.distances, "distance_scores": counts.distance_scores, "skipped": counts.skipped})
+            if counts.skipped and pred is not None:
+                warnings.append(f"crop {row.crop_id}: '{name}' left out of the pooled counts, as the challenge does: {counts.skipped}")
         else:
             counts = metrics.semantic_counts(truth, pred)
             entry.update({"tp": counts.tp, "fp": counts.fp, "fn": counts.fn, "iou": counts.iou, "dice": counts.dice})
@@ -95,6 +112,7 @@ def evaluate_experiment(experiment_dir: Path, data_root: Path | None = None, sco
         [c["score"] for c in per_class.values() if c["type"] == "semantic"],
     )
     result = {"experiment": experiment, "scoring": scoring, "crops": sorted({r.crop_id for r in rows}), **summary, "classes": per_class, "per_crop": per_crop, "warnings": warnings}
+    result = _finite_or_none(result)
     out_dir = experiment_dir / "logs" / "evaluation"
     write_outputs(result, out_dir)
     result["output_dir"] = str(out_dir)
@@ -108,16 +126,17 @@ def _aggregate(per_crop: list[dict], scoring: str) -> dict:
         kind = entries[0]["type"]
         voxels = sum(e["truth_voxels"] for e in entries)
         if scoring == "legacy":
+            # The 2025-04 release weighted each crop by its volume in nm³; an infinite
+            # mean distance in any crop makes the class's mean distance infinite too.
             weights = np.array([np.prod(e["voxel_size"]) * e["voxels"] for e in entries], float)
-            key = "combined_score" if kind == "instance" else "iou"
-            score = float(np.average([e[key] for e in entries], weights=weights))
-            summary = {"score": score, "type": kind, "truth_voxels": voxels}
+
+            def weighted(key):
+                return float(np.average([e[key] for e in entries], weights=weights))
+
             if kind == "instance":
-                summary["accuracy"] = float(np.average([e["accuracy"] for e in entries], weights=weights))
-                finite = [e["hausdorff_distance"] for e in entries if math.isfinite(e["hausdorff_distance"])]
-                summary["hausdorff_distance"] = float(np.mean(finite)) if finite else None
+                summary = {"score": weighted("combined_score"), "type": kind, "accuracy": weighted("accuracy"), "hausdorff_distance": weighted("hausdorff_distance"), "normalized_hausdorff_distance": weighted("normalized_hausdorff_distance"), "truth_voxels": voxels}
             else:
-                summary["dice"] = float(np.average([e["dice"] for e in entries], weights=weights))
+                summary = {"score": weighted("iou"), "type": kind, "iou": weighted("iou"), "dice": weighted("dice"), "truth_voxels": voxels}
         elif kind == "instance":
             counts = metrics.InstanceCounts()
             for e in entries:
@@ -145,13 +164,15 @@ def markdown_table(result: dict) -> str:
         f"Overall {_fmt(result['overall_score'])} (instance {_fmt(result['overall_instance_score'])}, semantic {_fmt(result['overall_semantic_score'])}); "
         f"{result['scoring']} scoring, crops {', '.join(str(c) for c in result['crops'])}",
         "",
-        "| class | type | score | IoU / F1 | Dice / Hausdorff score | mean Hausdorff (nm) | truth voxels |",
+        "| class | type | score | IoU / F1 | Dice / Hausdorff score | mean Hausdorff (nm) | truth voxels |"
+        if result["scoring"] != "legacy"
+        else "| class | type | score | IoU / accuracy | Dice / Hausdorff score | mean Hausdorff (nm) | truth voxels |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, c in result["classes"].items():
         if c["type"] == "instance":
             first = c.get("f1", c.get("accuracy"))
-            second = c.get("hausdorff_score")
+            second = c.get("hausdorff_score", c.get("normalized_hausdorff_distance"))
             distance = c.get("mean_hausdorff_nm", c.get("hausdorff_distance"))
         else:
             first, second, distance = c.get("iou", c["score"]), c.get("dice"), None

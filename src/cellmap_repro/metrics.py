@@ -1,14 +1,17 @@
 """The challenge's scores on numpy volumes (no I/O): resampling, semantic and instance metrics.
 
-Current scoring (reference section f): semantic tp/fp/fn pooled over crops, IoU per class;
-instance predictions relabelled by 26-connected components and matched one-to-one to
-the truth by minimum cost ((1 − IoU)·10⁶ per matched pair, 10⁶+1 per unmatched truth),
-F1 from pooled counts, Hausdorff distances (nm, capped) normalised as 1.01^(−d/‖voxel‖),
-combined = √(F1·H); overall = √(instance mean · semantic mean).
+Current scoring (reference section f, toolbox ``utils/eval_utils`` at HEAD): semantic
+tp/fp/fn pooled over crops, IoU per class; instance predictions relabelled by 26-connected
+components and matched one-to-one to the truth by minimum cost (⌊(1 − IoU)·10⁶⌋ per matched
+pair, 10⁶+1 per unmatched truth), F1 from pooled counts, Hausdorff distances (nm, capped)
+normalised as 1.01^(−d/‖voxel‖), combined = √(F1·H); overall = √(instance mean · semantic mean).
 
-The legacy option reproduces the 2025-04 release used for the baseline's published
-figures: per-crop scores, voxel accuracy after Hungarian matching, mean uncapped
+The legacy option reproduces the 2025-04 release (commit 6b5a29d) used for the baseline's
+published figures: per-crop scores, voxel accuracy after Hungarian matching, mean uncapped
 Hausdorff, crop-volume-weighted class means, empty/empty IoU = 1, ratio cutoff 50.
+
+Both reproduce the toolbox's quirks where they change a score, each marked "as the toolbox
+does" below, so that figures here can be compared with the leaderboard's.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
-MATCH_SCALE = 1e6
+MATCH_SCALE = 1_000_000
 MAX_OVERLAP_PAIRS = 5_000_000
 LEGACY_RATIO_CUTOFF = 50.0
 
@@ -46,13 +51,28 @@ def resample_to(pred: np.ndarray, pred_scale, pred_translation, shape, scale, tr
             out[dst] = pred[src] if instance else (pred[src] > 0)
         return out
     matrix = scale / pred_scale
+    # 'grid-constant' treats each source voxel as a cube, so target centres within half a
+    # source voxel of the border still sample it ('constant' would return 0 there), as
+    # skimage's rescale in the toolbox does.
     if instance:
-        return ndimage.affine_transform(pred, matrix, offset=offset, output_shape=tuple(shape), order=0, mode="constant", cval=0)
-    # One voxel of edge padding: target voxels within half a source voxel of the border
-    # interpolate against the border value, not against an implied 0 beyond it.
-    padded = np.pad((pred > 0).astype(np.float32), 1, mode="edge")
-    resampled = ndimage.affine_transform(padded, matrix, offset=offset + 1, output_shape=tuple(shape), order=1, mode="constant", cval=0.0)
+        return ndimage.affine_transform(pred, matrix, offset=offset, output_shape=tuple(shape), order=0, mode="grid-constant", cval=0)
+    mask = (pred > 0).astype(np.float32)
+    resampled = ndimage.affine_transform(mask, matrix, offset=offset, output_shape=tuple(shape), order=1, mode="grid-constant", cval=0.0)
     return (resampled > 0.5).astype(np.uint8)
+
+
+def extent(scale, translation, shape) -> tuple[np.ndarray, np.ndarray]:
+    """World box (nm) covered by a grid whose voxel 0 is centred at ``translation``."""
+    low = np.asarray(translation, float) - np.asarray(scale, float) / 2
+    return low, low + np.asarray(scale, float) * np.asarray(shape, float)
+
+
+def covers(pred_scale, pred_translation, pred_shape, scale, translation, shape) -> bool:
+    """Whether a prediction's box contains the target's, within half a prediction voxel."""
+    low, high = extent(pred_scale, pred_translation, pred_shape)
+    want_low, want_high = extent(scale, translation, shape)
+    slack = np.asarray(pred_scale, float) / 2
+    return bool(np.all(low - slack <= want_low) and np.all(high + slack >= want_high))
 
 
 # ---------------------------------------------------------------- semantic
@@ -110,17 +130,21 @@ class InstanceCounts:
         )
 
     @property
+    def _nothing_anywhere(self) -> bool:
+        return 2 * self.tp + self.fp + self.fn == 0 and not self.distance_scores
+
+    @property
     def f1(self) -> float:
         denominator = 2 * self.tp + self.fp + self.fn
-        if denominator == 0:
+        if self._nothing_anywhere:
             return 1.0
-        return 2 * self.tp / denominator
+        return 2 * self.tp / denominator if denominator else 0.0
 
     @property
     def hausdorff_score(self) -> float:
-        if not self.distance_scores:
+        if self._nothing_anywhere:
             return 1.0
-        return float(np.mean(self.distance_scores))
+        return float(np.mean(self.distance_scores)) if self.distance_scores else 0.0
 
     @property
     def combined(self) -> float:
@@ -133,6 +157,7 @@ class InstanceCounts:
 
 
 def relabel(pred: np.ndarray, connectivity: int = 26) -> np.ndarray:
+    """Connected components numbered 1..n in raster order (as skimage.measure.label numbers them)."""
     import cc3d
 
     return cc3d.connected_components(np.ascontiguousarray(pred), connectivity=connectivity, out_dtype=np.uint64)
@@ -144,29 +169,56 @@ def overlap_table(truth: np.ndarray, pred: np.ndarray):
     pred_ids, pred_sizes = np.unique(pred[pred > 0], return_counts=True)
     both = (truth > 0) & (pred > 0)
     pairs, intersections = np.unique(np.stack([truth[both], pred[both]]), axis=1, return_counts=True)
-    truth_index = {int(i): k for k, i in enumerate(truth_ids)}
-    pred_index = {int(i): k for k, i in enumerate(pred_ids)}
-    rows = np.array([truth_index[int(i)] for i in pairs[0]], dtype=int) if pairs.size else np.zeros(0, int)
-    cols = np.array([pred_index[int(i)] for i in pairs[1]], dtype=int) if pairs.size else np.zeros(0, int)
+    rows = np.searchsorted(truth_ids, pairs[0]) if pairs.size else np.zeros(0, int)
+    cols = np.searchsorted(pred_ids, pairs[1]) if pairs.size else np.zeros(0, int)
     unions = truth_sizes[rows] + pred_sizes[cols] - intersections
     return truth_ids, pred_ids, rows, cols, intersections / np.maximum(unions, 1)
 
 
-def optimal_matching(n_truth: int, n_pred: int, rows, cols, iou) -> list[tuple[int, int]]:
-    """The challenge's min-cost one-to-one matching, solved as a maximum-weight assignment.
+def ratio_cutoff(n_truth: int) -> float:
+    """Most predicted instances per true one before a crop is dropped (toolbox default)."""
+    return 10.0 + 50.0 * math.exp(-n_truth / 5.0)
 
-    Its total cost is Σ_matched (1 − IoU)·10⁶ + (unmatched truths)·(10⁶ + 1)
-    = n_truth·(10⁶ + 1) − Σ_matched (1 + IoU·10⁶), so minimising it is maximising
-    Σ (1 + 10⁶·IoU) over matchings that use only overlapping pairs. Non-overlapping
-    pairs get weight 0, which an optimal assignment never prefers to a real edge, and
-    are dropped from the result.
+
+def matching_costs(iou: np.ndarray) -> np.ndarray:
+    """The toolbox's integer arc costs: IoU as float32, ⌊(1 − IoU)·10⁶⌋."""
+    return ((1.0 - iou.astype(np.float32).astype(np.float64)) * MATCH_SCALE).astype(np.int64)
+
+
+def optimal_matching(n_truth: int, n_pred: int, rows, cols, iou) -> list[tuple[int, int]]:
+    """The toolbox's min-cost one-to-one matching (OR-Tools min-cost flow), solved with scipy.
+
+    The flow's total cost is Σ_matched c + (unmatched truths)·(10⁶ + 1)
+    = n_truth·(10⁶ + 1) − Σ_matched (10⁶ + 1 − c), with the same integer costs c as the
+    toolbox, so a minimum-cost flow is exactly a maximum-weight matching with weights
+    10⁶ + 1 − c ≥ 1 on overlapping pairs. Weights add up over the connected components of
+    the overlap graph, so each component is solved on its own with
+    ``linear_sum_assignment``: non-overlapping pairs inside a component get weight 0,
+    which an optimum never needs (any matching of real pairs extends to an assignment of
+    the same weight), and are dropped. Only among exactly tied optima may the chosen pairs
+    differ from OR-Tools'.
     """
+    rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
     if n_truth == 0 or n_pred == 0 or len(rows) == 0:
         return []
-    weights = np.zeros((n_truth, n_pred))
-    weights[rows, cols] = 1.0 + MATCH_SCALE * iou
-    chosen_rows, chosen_cols = linear_sum_assignment(weights, maximize=True)
-    return [(int(r), int(c)) for r, c in zip(chosen_rows, chosen_cols) if weights[r, c] > 0]
+    weights = (MATCH_SCALE + 1 - matching_costs(np.asarray(iou))).astype(np.float64)
+    graph = coo_matrix((np.ones(len(rows)), (rows, n_truth + cols)), shape=(n_truth + n_pred,) * 2)
+    _, component_of = connected_components(graph, directed=False)
+    edge_component = component_of[rows]
+    order = np.argsort(edge_component, kind="stable")
+    boundaries = np.flatnonzero(np.diff(edge_component[order])) + 1
+    matches: list[tuple[int, int]] = []
+    for edges in np.split(order, boundaries):
+        if len(edges) == 1:
+            matches.append((int(rows[edges[0]]), int(cols[edges[0]])))
+            continue
+        local_rows, r_index = np.unique(rows[edges], return_inverse=True)
+        local_cols, c_index = np.unique(cols[edges], return_inverse=True)
+        block = np.zeros((len(local_rows), len(local_cols)))
+        block[r_index, c_index] = weights[edges]
+        chosen_rows, chosen_cols = linear_sum_assignment(block, maximize=True)
+        matches += [(int(local_rows[r]), int(local_cols[c])) for r, c in zip(chosen_rows, chosen_cols) if block[r, c] > 0]
+    return sorted(matches)
 
 
 def hausdorff(a: np.ndarray, b: np.ndarray, voxel_size) -> float:
@@ -177,6 +229,7 @@ def hausdorff(a: np.ndarray, b: np.ndarray, voxel_size) -> float:
     lo, hi = region.min(axis=0), region.max(axis=0) + 1
     box = tuple(slice(l, h) for l, h in zip(lo, hi))
     a, b = a[box], b[box]
+    # Every voxel of both masks lies in the box, so the transforms there are exact.
     to_b = ndimage.distance_transform_edt(~b, sampling=voxel_size)
     to_a = ndimage.distance_transform_edt(~a, sampling=voxel_size)
     return float(max(to_b[a].max(), to_a[b].max()))
@@ -188,6 +241,27 @@ def distance_score(distance: float, voxel_size) -> float:
     return float(1.01 ** (-distance / np.linalg.norm(voxel_size)))
 
 
+def _ranks(ids: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """1-based position of each value among the sorted ``ids``; 0 for values not in it."""
+    values = np.asarray(values)
+    if len(ids) == 0:
+        return np.zeros(values.shape, dtype=np.uint32)
+    position = np.searchsorted(ids, values)
+    found = ids[np.minimum(position, len(ids) - 1)] == values
+    return np.where(found, position + 1, 0).astype(np.uint32)
+
+
+def _renumber(volume: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """``volume`` (labels among ``ids`` and 0) with labels 1..n, so find_objects stays small."""
+    if len(ids) == 0 or int(ids[-1]) == len(ids):
+        return volume  # already 1..n
+    if int(ids[-1]) < (1 << 24):
+        table = np.zeros(int(ids[-1]) + 1, dtype=np.uint32)
+        table[ids] = np.arange(1, len(ids) + 1, dtype=np.uint32)
+        return table[volume]
+    return _ranks(ids, volume)
+
+
 def instance_counts(truth: np.ndarray, pred: np.ndarray | None, voxel_size, connectivity: int = 26) -> InstanceCounts:
     """tp/fp/fn and normalised Hausdorff scores of one crop (current scoring)."""
     voxel_size = tuple(float(v) for v in voxel_size)
@@ -196,39 +270,41 @@ def instance_counts(truth: np.ndarray, pred: np.ndarray | None, voxel_size, conn
     if pred is None:
         return InstanceCounts(0, 0, n_truth, [0.0] * n_truth, [math.inf] * n_truth, skipped="not submitted")
     pred = relabel(pred, connectivity)
-    pred_ids = np.unique(pred[pred > 0])
-    n_pred = len(pred_ids)
+    n_pred = int(pred.max()) if pred.size else 0
     if n_truth == 0 and n_pred == 0:
         return InstanceCounts()
     d_max = min(v * s for v, s in zip(voxel_size, truth.shape)) / 2
-    if n_truth > 0 and n_pred / n_truth > 10 + 50 * math.exp(-n_truth / 5):
+    # As the toolbox does, the guard counts truth objects as the largest id.
+    truth_max = int(truth_ids[-1]) if n_truth else 0
+    if n_truth and n_pred and n_pred / truth_max > ratio_cutoff(truth_max):
         return InstanceCounts(skipped=f"too many predicted instances ({n_pred} for {n_truth})")
-    truth_ids, pred_ids, rows, cols, iou = overlap_table(truth, pred)
+    _, pred_ids, rows, cols, iou = overlap_table(truth, pred)
     if len(rows) > MAX_OVERLAP_PAIRS:
         return InstanceCounts(skipped=f"too many overlapping pairs ({len(rows)})")
-    matches = optimal_matching(n_truth, n_pred, rows, cols, iou)
-    matched_pred = {t: p for t, p in matches}
-    if int(truth.max()) > 4 * n_truth + 1024:
-        # sparse ids: renumber so that find_objects' per-id list stays small
-        _, dense = np.unique(truth, return_inverse=True)
-        truth = dense.reshape(truth.shape).astype(np.uint64)
-        truth_ids = np.arange(1, n_truth + 1, dtype=np.uint64)
-    # Bounding boxes once, so each distance is computed on the pair's box, not the crop.
-    truth_boxes, pred_boxes = ndimage.find_objects(truth), ndimage.find_objects(pred)
+    matches = optimal_matching(n_truth, len(pred_ids), rows, cols, iou)
+
+    # The toolbox relabels matched predictions to their truth id and leaves every other
+    # component's id as it is (fastremap, preserve_missing_labels), so an unmatched
+    # component whose id equals a truth id counts toward that object's distance. Both
+    # volumes are renumbered 1..n_truth in truth-id order to keep that exact.
+    truth_dense = _renumber(truth, truth_ids)
+    pred_lookup = np.zeros(n_pred + 1, dtype=np.uint32)
+    pred_lookup[1:] = _ranks(truth_ids, np.arange(1, n_pred + 1))
+    for t_index, p_index in matches:
+        pred_lookup[int(pred_ids[p_index])] = t_index + 1
+    pred_dense = pred_lookup[pred]
+    truth_boxes = ndimage.find_objects(truth_dense, max_label=n_truth)
+    pred_boxes = ndimage.find_objects(pred_dense, max_label=n_truth)
     distances = []
-    for t_index, t_id in enumerate(truth_ids):
-        if t_index in matched_pred:
-            p_id = pred_ids[matched_pred[t_index]]
-            box = tuple(
-                slice(min(a.start, b.start), max(a.stop, b.stop))
-                for a, b in zip(truth_boxes[int(t_id) - 1], pred_boxes[int(p_id) - 1])
-            )
-            d = hausdorff(truth[box] == t_id, pred[box] == p_id, voxel_size)
-            distances.append(min(d, d_max))
-        else:
+    for k in range(1, n_truth + 1):
+        t_box, p_box = truth_boxes[k - 1], pred_boxes[k - 1]
+        if p_box is None:
             distances.append(d_max)
-    distances += [d_max] * (n_pred - len(matches))
+            continue
+        box = tuple(slice(min(a.start, b.start), max(a.stop, b.stop)) for a, b in zip(t_box, p_box))
+        distances.append(min(hausdorff(truth_dense[box] == k, pred_dense[box] == k, voxel_size), d_max))
     tp = len(matches)
+    distances += [d_max] * (n_pred - tp)
     return InstanceCounts(tp, n_pred - tp, n_truth - tp, [distance_score(d, voxel_size) for d in distances], distances)
 
 
@@ -236,31 +312,47 @@ def instance_counts(truth: np.ndarray, pred: np.ndarray | None, voxel_size, conn
 
 
 def legacy_semantic(truth: np.ndarray, pred: np.ndarray | None) -> dict:
+    if pred is None:
+        return {"iou": 0.0, "dice": 0.0}
     counts = semantic_counts(truth, pred)
-    empty_both = counts.tp + counts.fp + counts.fn == 0
-    return {"iou": 1.0 if empty_both else counts.iou, "dice": 1.0 if empty_both else counts.dice}
+    return {"iou": counts.iou, "dice": counts.dice}
+
+
+LEGACY_NOT_SUBMITTED = {"accuracy": 0.0, "hausdorff_distance": 0.0, "normalized_hausdorff_distance": 0.0, "combined_score": 0.0}
 
 
 def legacy_instance(truth: np.ndarray, pred: np.ndarray | None, voxel_size, connectivity: int = 26) -> dict:
+    """One crop's scores as the 2025-04 release computed them, quirks included."""
     voxel_size = tuple(float(v) for v in voxel_size)
     if pred is None:
-        return {"accuracy": 0.0, "hausdorff_distance": math.inf, "normalized_hausdorff_distance": 0.0, "combined_score": 0.0}
+        return dict(LEGACY_NOT_SUBMITTED)
     pred = relabel(pred, connectivity)
     truth_ids, pred_ids, rows, cols, iou = overlap_table(truth, pred)
     if len(truth_ids) > 0 and len(pred_ids) / len(truth_ids) > LEGACY_RATIO_CUTOFF:
         return {"accuracy": 0.0, "hausdorff_distance": math.inf, "normalized_hausdorff_distance": 0.0, "combined_score": 0.0}
-    remapped = np.zeros_like(truth)
+    matched = np.zeros(truth.shape, dtype=np.uint64)
     distances = []
-    if len(truth_ids) and len(pred_ids):
-        cost = np.zeros((len(truth_ids), len(pred_ids)))
-        cost[rows, cols] = iou
-        matched_rows, matched_cols = linear_sum_assignment(cost, maximize=True)
-        for r, c in zip(matched_rows, matched_cols):
-            if cost[r, c] > 0:
-                remapped[pred == pred_ids[c]] = truth_ids[r]
-    for t_id in truth_ids:
-        distances.append(hausdorff(truth == t_id, remapped == t_id, voxel_size))
-    accuracy = float(np.mean(truth == remapped))
+    if len(pred_ids):
+        # As the release did: Hungarian assignment on the dense IoU matrix, and every
+        # assigned pair relabelled, also pairs that do not overlap at all.
+        score = np.zeros((len(truth_ids), len(pred_ids)))
+        score[rows, cols] = iou
+        assigned_rows, assigned_cols = linear_sum_assignment(score, maximize=True)
+        lookup = np.zeros(int(pred_ids[-1]) + 1, dtype=np.uint64)
+        lookup[pred_ids[assigned_cols]] = truth_ids[assigned_rows]
+        matched = lookup[pred]
+        truth_dense, matched_dense = _renumber(truth, truth_ids), _renumber(matched, truth_ids)
+        truth_boxes = ndimage.find_objects(truth_dense, max_label=len(truth_ids))
+        matched_boxes = ndimage.find_objects(matched_dense, max_label=len(truth_ids))
+        for k in range(1, len(truth_ids) + 1):
+            t_box, m_box = truth_boxes[k - 1], matched_boxes[k - 1]
+            if m_box is None:
+                distances.append(math.inf)
+                continue
+            box = tuple(slice(min(a.start, b.start), max(a.stop, b.stop)) for a, b in zip(t_box, m_box))
+            distances.append(hausdorff(truth_dense[box] == k, matched_dense[box] == k, voxel_size))
+    accuracy = float(np.count_nonzero(truth == matched) / truth.size)
+    # With no predicted object at all the release averaged no distances: 0 nm, score 1.
     mean_distance = float(np.mean(distances)) if distances else 0.0
     normalized = distance_score(mean_distance, voxel_size)
     return {
@@ -272,7 +364,12 @@ def legacy_instance(truth: np.ndarray, pred: np.ndarray | None, voxel_size, conn
 
 
 def overall(instance_scores: list[float], semantic_scores: list[float]) -> dict:
-    """Plain means per group; overall is their geometric mean (or the one group scored)."""
+    """Plain means per group; overall is their geometric mean.
+
+    Where a group has no class (validation crops may annotate only semantic classes) the
+    toolbox would take its mean as 0 and so the overall as 0; here the overall is then the
+    other group's mean, and the missing group's is reported as None.
+    """
     instance = float(np.mean(instance_scores)) if instance_scores else None
     semantic = float(np.mean(semantic_scores)) if semantic_scores else None
     if instance is not None and semantic is not None:
