@@ -5,20 +5,28 @@ EXP ?= setup_04_all
 ARGS ?=
 PYTHON ?= python3
 VENV ?= .venv
+DOCKER ?= docker
+IMAGE ?= cellmap-repro:latest
 # docker when a Docker engine answers, else local
-RUNNER ?= $(shell docker info >/dev/null 2>&1 && echo docker || echo local)
+RUNNER ?= $(shell $(DOCKER) info >/dev/null 2>&1 && echo docker || echo local)
 
 ifeq ($(RUNNER),docker)
 # $(call cli,<compose service>) runs the CLI in that service's container
 cli = docker compose run --rm $(1)
+# built on first use (with your UID/GID); the mounted folders must exist before Docker
+# would create them as root
+STAGE_DEPS := image-if-missing
+# the image's ID goes into every run manifest
+export CELLMAP_REPRO_IMAGE_DIGEST = $(shell $(DOCKER) image inspect --format '{{.Id}}' $(IMAGE) 2>/dev/null)
 else ifeq ($(RUNNER),local)
 cli = $(VENV)/bin/cellmap-repro
+STAGE_DEPS := $(VENV)/.installed
 else
 $(error RUNNER must be local or docker, not '$(RUNNER)')
 endif
 
 .DEFAULT_GOAL := help
-.PHONY: gpu-check image lint lock help install smoke tiny-crop download weights datasplit train predict process evaluate pack verify tensorboard unite-logs test
+.PHONY: gpu-check image image-if-missing lint lock help install smoke tiny-crop download weights datasplit train predict process evaluate pack verify tensorboard unite-logs test
 
 help: ## list the targets
 	@echo "cellmap-repro (RUNNER=$(RUNNER), EXP=$(EXP)); pass extra flags with ARGS='...'"
@@ -33,54 +41,50 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 
 install: $(VENV)/.installed ## create .venv with the locked dependencies (native runs)
 
-ifeq ($(RUNNER),local)
-NATIVE_DEPS := $(VENV)/.installed
-endif
-
-smoke: $(NATIVE_DEPS) ## main job: tiny crop -> train -> predict -> process (-> evaluate), prints where outputs are
+smoke: $(STAGE_DEPS) ## main job: tiny crop -> train -> predict -> process (-> evaluate), prints where outputs are
 	$(call cli,train) smoke $(ARGS)
 
-tiny-crop: $(NATIVE_DEPS) ## write the tiny synthetic crop, synthetic weights and the datasplit
+tiny-crop: $(STAGE_DEPS) ## write the tiny synthetic crop, synthetic weights and the datasplit
 	$(call cli,train) tiny-crop -e $(EXP) $(ARGS)
 
-download: $(NATIVE_DEPS) ## fetch CellMap crops from the public S3 bucket into data/
+download: $(STAGE_DEPS) ## fetch CellMap crops from the public S3 bucket into data/
 	$(call cli,download) fetch $(ARGS)
 
-weights: $(NATIVE_DEPS) ## download the real setup04 weights into data/weights
+weights: $(STAGE_DEPS) ## download the real setup04 weights into data/weights
 	$(call cli,download) weights $(ARGS)
 
-datasplit: $(NATIVE_DEPS) ## write EXP's datasplit.csv from the crops in data/
+datasplit: $(STAGE_DEPS) ## write EXP's datasplit.csv from the crops in data/
 	$(call cli,train) datasplit -e $(EXP) $(ARGS)
 
-train: $(NATIVE_DEPS) ## train EXP (ARGS='--resume' to continue)
+train: $(STAGE_DEPS) ## train EXP (ARGS='--resume' to continue)
 	$(call cli,train) train -e $(EXP) $(ARGS)
 
-predict: $(NATIVE_DEPS) ## predict EXP's validation crops
+predict: $(STAGE_DEPS) ## predict EXP's validation crops
 	$(call cli,predict) predict -e $(EXP) $(ARGS)
 
-process: $(NATIVE_DEPS) ## threshold / label EXP's predictions
+process: $(STAGE_DEPS) ## threshold / label EXP's predictions
 	$(call cli,process) process -e $(EXP) $(ARGS)
 
-evaluate: $(NATIVE_DEPS) ## score EXP's processed predictions on its validation crops
+evaluate: $(STAGE_DEPS) ## score EXP's processed predictions on its validation crops
 	$(call cli,evaluate) evaluate -e $(EXP) $(ARGS)
 
-pack: $(NATIVE_DEPS) ## write a submission zip from EXP's processed test crops
+pack: $(STAGE_DEPS) ## write a submission zip from EXP's processed test crops
 	$(call cli,process) pack -e $(EXP) $(ARGS)
 
-verify: $(NATIVE_DEPS) ## check bit-for-bit reproducibility of EXP (repeat, kill+resume)
+verify: $(STAGE_DEPS) ## check bit-for-bit reproducibility of EXP (repeat, kill+resume)
 	$(call cli,verify) verify -e $(EXP) $(ARGS)
 
-unite-logs: $(NATIVE_DEPS) ## gather all experiments' TensorBoard runs into experiments/.tensorboard
+unite-logs: $(STAGE_DEPS) ## gather all experiments' TensorBoard runs into experiments/.tensorboard
 	$(call cli,tensorboard) unite-logs $(ARGS)
 
-tensorboard: $(NATIVE_DEPS) ## serve all experiments' TensorBoard runs (http://127.0.0.1:6006)
+tensorboard: $(STAGE_DEPS) ## serve all experiments' TensorBoard runs (http://127.0.0.1:6006)
 ifeq ($(RUNNER),docker)
 	docker compose up tensorboard
 else
 	$(call cli,tensorboard) tensorboard $(ARGS)
 endif
 
-gpu-check: $(NATIVE_DEPS) ## check GPU, driver and CUDA for the image (in the train service's container)
+gpu-check: $(STAGE_DEPS) ## check GPU, driver and CUDA for the image (in the train service's container)
 	$(call cli,train) gpu-check
 
 test: $(VENV)/.installed ## run the test suite (natively)
@@ -95,10 +99,10 @@ lock: ## regenerate requirements.txt and requirements-dev.txt from pyproject.tom
 	UV_NATIVE_TLS=1 $(UV) pip compile $(LOCK_FLAGS) --extra test pyproject.toml -o requirements-dev.txt
 
 # ---------------------------------------------------------------- containers
-DOCKER ?= docker
-IMAGE ?= cellmap-repro:latest
-# Empty BASE_IMAGE means the Dockerfile's pinned CUDA base.
+# Empty BASE_IMAGE means the Dockerfile's pinned CUDA base (and its digest label); for
+# another base the label records its digest, or its local image ID when it has none.
 BASE_IMAGE ?=
+BASE_DIGEST = $(if $(findstring @sha256:,$(BASE_IMAGE)),$(lastword $(subst @, ,$(BASE_IMAGE))),$(shell $(DOCKER) image inspect --format '{{.Id}}' $(BASE_IMAGE) 2>/dev/null))
 EXTRA_CA ?=
 REVISION ?= $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
 LOCK_SHA256 := $(shell sha256sum requirements.txt | cut -d' ' -f1)
@@ -107,16 +111,22 @@ export GID := $(shell id -g)
 export IMAGE REVISION LOCK_SHA256 EXP
 # GPU reservations only where an NVIDIA driver exists; otherwise the CPU override.
 export COMPOSE_FILE ?= $(if $(shell command -v nvidia-smi 2>/dev/null),compose.yaml,compose.yaml:compose.cpu.yaml)
+# Compose v2 from the dev tools when the docker CLI has no compose plugin (lint only)
+COMPOSE ?= $(if $(wildcard $(VENV)/bin/docker-compose),$(VENV)/bin/docker-compose,docker compose)
 comma := ,
 
 image: ## build the container image (BASE_IMAGE=..., EXTRA_CA=ca-bundle.crt behind a TLS proxy)
 	DOCKER_BUILDKIT=1 $(DOCKER) build --progress=plain -f docker/Dockerfile -t $(IMAGE) \
-	  $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg APT_SNAPSHOT=) \
+	  $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg BASE_DIGEST=$(BASE_DIGEST) --build-arg APT_SNAPSHOT=) \
 	  $(if $(EXTRA_CA),--secret id=extra_ca$(comma)src=$(EXTRA_CA)) \
 	  --build-arg UID=$(UID) --build-arg GID=$(GID) \
 	  --build-arg REVISION=$(REVISION) --build-arg LOCK_SHA256=$(LOCK_SHA256) .
 
-lint: ## lint the Dockerfile (hadolint) and validate compose.yaml (schema and docker compose config)
+image-if-missing:
+	@$(DOCKER) image inspect $(IMAGE) >/dev/null 2>&1 || $(MAKE) --no-print-directory image
+	@mkdir -p data experiments
+
+lint: ## lint the Dockerfile (hadolint) and validate the compose files (schema and compose config)
 	$(VENV)/bin/hadolint docker/Dockerfile
 	$(VENV)/bin/check-jsonschema --builtin-schema vendor.compose-spec compose.yaml
-	docker compose config -q
+	$(COMPOSE) config -q

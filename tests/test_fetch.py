@@ -1,7 +1,6 @@
 """fetch against a real S3-compatible server on 127.0.0.1 (moto), never the internet."""
 
 import json
-import os
 
 import pytest
 

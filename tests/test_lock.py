@@ -54,3 +54,42 @@ def test_every_locked_requirement_has_hashes_and_dev_extends_runtime():
         assert entry["hashes"] > 0, f"{name} has no hash"
     for name, entry in runtime.items():
         assert dev[name]["version"] == entry["version"], f"{name} differs between the runtime and dev locks"
+
+
+def applicable(path: Path, environment: dict | None = None) -> dict[str, str]:
+    """name -> version of the lock entries whose markers hold in ``environment``."""
+    from packaging.markers import Marker
+
+    chosen: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        match = re.match(r"^([A-Za-z0-9_.\-]+)(\[[^\]]*\])?==([^\s;]+)\s*(?:;\s*(.+?))?\s*\\?$", line)
+        if match and (match.group(4) is None or Marker(match.group(4)).evaluate(environment)):
+            name = normalise(match.group(1))
+            assert name not in chosen, f"{path.name}: two versions of {name} apply to {environment}"
+            chosen[name] = match.group(3)
+    return chosen
+
+
+def test_lock_gives_one_version_of_everything_on_both_image_pythons():
+    # Debian bookworm bases have Python 3.11, the Ubuntu 24.04 CUDA base 3.12.
+    for version in ("3.11.2", "3.12.3"):
+        environment = {"python_version": version[:4], "python_full_version": version, "sys_platform": "linux",
+                       "platform_machine": "x86_64", "platform_system": "Linux", "implementation_name": "cpython",
+                       "platform_python_implementation": "CPython", "os_name": "posix"}
+        chosen = applicable(REPO / "requirements.txt", environment)
+        assert {"torch", "cuda-bindings", "nvidia-cudnn-cu13", "numpy"} <= set(chosen)
+
+
+def test_this_environment_has_the_locked_versions():
+    """`make install` installs exactly the lock (the test tools' lock, a superset)."""
+    import importlib.metadata as metadata
+
+    wrong = {}
+    for name, version in applicable(REPO / "requirements-dev.txt").items():
+        try:
+            installed = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            installed = None
+        if installed != version:
+            wrong[name] = (version, installed)
+    assert not wrong, f"installed versions differ from requirements-dev.txt (locked, installed): {wrong}; run `make install`"

@@ -1,7 +1,6 @@
 """Training machinery on the fast experiment: outputs, determinism, resume after SIGKILL."""
 
 import json
-import os
 
 import pytest
 

@@ -130,9 +130,6 @@ class Remote:
                 return None
             raise
 
-    def get(self, key: str) -> bytes:
-        return self.cat(key)
-
 
 def _etag_md5(info: dict) -> str | None:
     etag = str(info.get("ETag") or info.get("etag") or "").strip('"')
@@ -283,7 +280,7 @@ def fetch(
                 with lock:
                     counts["absent"] += 1
                 return
-        payload = remote.get(key)
+        payload = remote.cat(key)
         if len(payload) != info["size"]:
             raise ReproError(f"download of {remote.url(key)} truncated: {len(payload)} of {info['size']} bytes; run again")
         md5 = hashlib.md5(payload).hexdigest()

@@ -73,7 +73,9 @@ def preflight() -> list[dict]:
     gpus = describe_gpus()
     if not gpus:
         raise ReproError("the NVIDIA driver is loaded but no GPU is visible (CUDA_VISIBLE_DEVICES or the container's device list excludes them)")
-    cuda_major = int(str(torch.version.cuda or "0").split(".")[0])
+    if not torch.version.cuda:
+        raise ReproError(f"torch {torch.__version__} is a CPU-only build: install the locked CUDA build (requirements.txt)")
+    cuda_major = int(torch.version.cuda.split(".")[0])
     needed = MIN_DRIVER_FOR_CUDA.get(cuda_major)
     driver_major = int(gpus[0]["driver"].split(".")[0])
     if needed and driver_major < needed:

@@ -86,16 +86,10 @@ def prepare(rows: list[TestCropRow], processed_root: Path) -> list[tuple[TestCro
             raise ReproError(f"no processed prediction for crop {row.crop_id} class '{row.class_name}' ({group})")
         level = read_levels(group)[0]
         data = zarr.open_array(str(group / level.path), mode="r")[:]
-        low = np.array(level.translation) - np.array(level.scale) / 2
-        high = low + np.array(level.scale) * np.array(data.shape)
-        want_low = np.array(row.translation) - np.array(row.voxel_size) / 2
-        want_high = want_low + np.array(row.voxel_size) * np.array(row.shape)
-        tolerance = np.array(level.scale) / 2
-        if np.any(low - tolerance > want_low) or np.any(high + tolerance < want_high):
-            raise ReproError(
-                f"prediction for crop {row.crop_id} class '{row.class_name}' covers {low.tolist()}-{high.tolist()} nm, "
-                f"not the crop's {want_low.tolist()}-{want_high.tolist()} nm ({group})"
-            )
+        if not metrics.covers(level.scale, level.translation, data.shape, row.voxel_size, row.translation, row.shape):
+            have = [v.tolist() for v in metrics.extent(level.scale, level.translation, data.shape)]
+            want = [v.tolist() for v in metrics.extent(row.voxel_size, row.translation, row.shape)]
+            raise ReproError(f"prediction for crop {row.crop_id} class '{row.class_name}' covers {have[0]}-{have[1]} nm, not the crop's {want[0]}-{want[1]} nm ({group})")
         instance = table[row.class_name].instance if row.class_name in table else False
         resampled = metrics.resample_to(data, level.scale, level.translation, row.shape, row.voxel_size, row.translation, instance)
         prepared.append((row, _smallest_uint(resampled) if instance else (resampled > 0).astype(np.uint8)))

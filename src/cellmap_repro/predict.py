@@ -131,7 +131,6 @@ def predict(
 ) -> Path:
     import torch
     import zarr
-    from tqdm import tqdm
 
     from cellmap_repro import determinism
     from cellmap_repro.datasplit import read_datasplit

@@ -17,7 +17,6 @@ as JSON (``<experiment>/logs/verify.json`` unless ``--report`` says otherwise).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import shutil

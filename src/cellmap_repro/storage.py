@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import zarr
 from pydantic_ome_ngff.v04.axis import Axis
 from pydantic_ome_ngff.v04.multiscale import Dataset, MultiscaleMetadata
 from pydantic_ome_ngff.v04.transform import VectorScale, VectorTranslation
@@ -180,23 +179,3 @@ def find_level(levels: Sequence[ScaleLevel], scale: Sequence[float], where: str)
     raise ReproError(
         f"{where}: no scale level with voxel size {list(scale)} nm (available: {available})"
     )
-
-
-def write_multiscale_group(
-    group_path: Path,
-    levels: Sequence[tuple[ScaleLevel, "zarr.Array | object"]],
-    attrs: dict | None = None,
-) -> None:
-    """Write an OME-NGFF group whose arrays already exist under ``group_path``'s store."""
-    group = zarr.open_group(str(group_path), mode="a")
-    group.attrs.update({**multiscale_attrs([level for level, _ in levels]), **(attrs or {})})
-
-
-def open_group_readonly(path: Path | str, where: str) -> zarr.Group:
-    path = Path(path)
-    if not path.exists():
-        raise ReproError(f"{where}: path does not exist: {path}")
-    try:
-        return zarr.open_group(str(path), mode="r")
-    except Exception as exc:  # zarr raises several types for a non-group
-        raise ReproError(f"{where}: not a zarr group: {path} ({exc})") from None

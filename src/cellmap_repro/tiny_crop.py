@@ -30,7 +30,6 @@ import numpy as np
 
 from cellmap_repro import settings
 from cellmap_repro.classes import class_table
-from cellmap_repro.errors import ReproError
 from cellmap_repro.storage import ScaleLevel, atomic_directory, multiscale_attrs
 
 DATASET = "jrc_tiny-1"
