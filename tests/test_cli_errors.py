@@ -34,6 +34,22 @@ def test_missing_checkpoint(fast_experiment):
     assert_one_line_error(cli("predict", "-e", "fast"), "checkpoint 'latest' not found")
 
 
+@pytest.mark.parametrize(
+    ("stage", "message"),
+    [(("predict",), "checkpoint 'best' not found"), (("train", "--resume"), "nothing to resume")],
+)
+def test_missing_run_is_reported_before_setup04_weights_are_fetched(fast_experiment, tmp_path, stage, message):
+    from conftest import REPO, copy_experiment
+
+    copy_experiment(REPO / "experiments" / "setup_04_all", fast_experiment.parent, fast_experiment.parent.parent / "unused.zarr")
+    weights = tmp_path / "no-weights"
+    weights.mkdir()
+    # An unreachable proxy: were the weights fetched first, the error would be about the download.
+    offline = {"CELLMAP_REPRO_WEIGHTS": str(weights), "HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
+    assert_one_line_error(cli(stage[0], "-e", "setup_04_all", *stage[1:], env=offline), message)
+    assert not any(weights.iterdir())
+
+
 def test_data_path_that_does_not_exist(fast_experiment, tmp_path):
     split = fast_experiment / "datasplit.csv"
     first = split.read_text().splitlines()[0]

@@ -150,6 +150,9 @@ def _format_validation_error(error: ValidationError, path: Path) -> str:
     return f"{path}: variable '{name}': {first['msg']}"
 
 
+CHECKPOINTS_FOLDER = "checkpoints"
+
+
 @dataclass
 class Experiment:
     name: str
@@ -183,7 +186,7 @@ class Experiment:
 
     @property
     def checkpoints_dir(self) -> Path:
-        return self.directory / "checkpoints"
+        return self.directory / CHECKPOINTS_FOLDER
 
     @property
     def logs_dir(self) -> Path:
@@ -197,6 +200,11 @@ def experiment_dir(name: str, root: str | Path | None = None) -> Path:
         available = sorted(p.name for p in root_path.iterdir() if (p / "train_config.py").exists()) if root_path.is_dir() else []
         raise ReproError(f"unknown experiment '{name}' (no folder {directory}; available: {', '.join(available) or 'none'})")
     return directory
+
+
+def experiment_checkpoints_dir(name: str, root: str | Path | None = None) -> Path:
+    """Where an experiment's checkpoints live, known without loading (and building) its config."""
+    return experiment_dir(name, root) / CHECKPOINTS_FOLDER
 
 
 def _import_package(name: str, directory: Path) -> ModuleType:

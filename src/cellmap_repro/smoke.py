@@ -31,7 +31,7 @@ def _may_replace(checkpoints_dir: Path) -> bool:
 
 def smoke(experiment: str, experiments_root=None, data_root=None, seed: int = 0) -> dict:
     from cellmap_repro import predict, process, tiny_crop, train
-    from cellmap_repro.experiment import experiment_dir
+    from cellmap_repro.experiment import experiment_checkpoints_dir, experiment_dir
 
     data = settings.data_root(data_root)
     timings: dict[str, float] = {}
@@ -43,7 +43,7 @@ def smoke(experiment: str, experiments_root=None, data_root=None, seed: int = 0)
         timings[name] = round(now - started, 1)
         started = now
 
-    checkpoints_dir = experiment_dir(experiment, experiments_root) / "checkpoints"
+    checkpoints_dir = experiment_checkpoints_dir(experiment, experiments_root)
     if not _may_replace(checkpoints_dir):
         raise ReproError(f"{checkpoints_dir} holds a real (non-smoke) run; move it away or use another experiment for the smoke run")
     info = tiny_crop.write_tiny_crop(data, seed=seed)

@@ -97,20 +97,23 @@ def make_criterion(config, class_weights: dict[str, float]):
     return config.criterion(**kwargs)
 
 
-def _check_start(checkpoints_dir: Path, tensorboard_run: Path, resume: bool, overwrite: bool) -> None:
-    existing = sorted(checkpoints_dir.glob("*.pth")) if checkpoints_dir.exists() else []
+def _refuse_bad_start(checkpoints_dir: Path, resume: bool, overwrite: bool) -> None:
+    existing = any(checkpoints_dir.glob("*.pth")) if checkpoints_dir.exists() else False
     if existing and not resume and not overwrite:
         raise ReproError(
             f"{checkpoints_dir} already holds checkpoints; pass --resume to continue that run or --overwrite to start again"
         )
     if resume and not (checkpoints_dir / manifest.MANIFEST_NAME).exists():
         raise ReproError(f"nothing to resume: no run was started in {checkpoints_dir}")
-    if overwrite and not resume:
-        for path in existing + sorted(checkpoints_dir.glob("*.sha256")) + [checkpoints_dir / manifest.MANIFEST_NAME]:
+
+
+def _clear_previous_run(checkpoints_dir: Path, tensorboard_run: Path) -> None:
+    if checkpoints_dir.exists():
+        for path in sorted(checkpoints_dir.glob("*.pth")) + sorted(checkpoints_dir.glob("*.sha256")) + [checkpoints_dir / manifest.MANIFEST_NAME]:
             if path.exists():
                 path.unlink()
-        # A new run's curves must not mix with the old run's.
-        shutil.rmtree(tensorboard_run, ignore_errors=True)
+    # A new run's curves must not mix with the old run's.
+    shutil.rmtree(tensorboard_run, ignore_errors=True)
 
 
 def train(
@@ -126,18 +129,21 @@ def train(
     from tqdm import tqdm
 
     from cellmap_repro import data as data_module
-    from cellmap_repro.experiment import load_experiment
+    from cellmap_repro.experiment import experiment_checkpoints_dir, load_experiment
     from cellmap_repro.model import trainable_modules
     from cellmap_repro.runlog import RunLog
 
     overrides = overrides or Overrides()
     explicit_threads = threads or (int(os.environ["CELLMAP_REPRO_THREADS"]) if os.environ.get("CELLMAP_REPRO_THREADS") else None)
     torch.set_num_threads(explicit_threads or determinism.available_cores())
+    # Checked before the config is loaded: loading builds the model, which may download weights.
+    _refuse_bad_start(experiment_checkpoints_dir(experiment_name, experiments_root), resume, overwrite)
     experiment = load_experiment(experiment_name, experiments_root, parts=("train_config",))
     config = experiment.train
     run = Settings.resolve(config, overrides, explicit_threads or config.num_threads or determinism.available_cores())
     checkpoints_dir = experiment.checkpoints_dir
-    _check_start(checkpoints_dir, experiment.logs_dir / "tensorboard" / config.model_name, resume, overwrite)
+    if overwrite and not resume:
+        _clear_previous_run(checkpoints_dir, experiment.logs_dir / "tensorboard" / config.model_name)
 
     determinism.configure(run.seed, run.threads, config.deterministic)
     device = determinism.device()
