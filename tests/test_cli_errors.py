@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import cli
+from conftest import REPO, cli, copy_experiment
 
 
 def assert_one_line_error(result, *fragments):
@@ -39,8 +39,6 @@ def test_missing_checkpoint(fast_experiment):
     [(("predict",), "checkpoint 'best' not found"), (("train", "--resume"), "nothing to resume")],
 )
 def test_missing_run_is_reported_before_setup04_weights_are_fetched(fast_experiment, tmp_path, stage, message):
-    from conftest import REPO, copy_experiment
-
     copy_experiment(REPO / "experiments" / "setup_04_all", fast_experiment.parent, fast_experiment.parent.parent / "unused.zarr")
     weights = tmp_path / "no-weights"
     weights.mkdir()

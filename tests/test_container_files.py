@@ -228,7 +228,7 @@ class FakeNVML(types.ModuleType):
     """pynvml with one configurable GPU, or no driver at all."""
 
     class NVMLError(Exception):
-        pass
+        """pynvml's one error type."""
 
     def __init__(self, driver: str | None, name: str = "NVIDIA H100 80GB HBM3"):
         super().__init__("pynvml")
@@ -239,7 +239,7 @@ class FakeNVML(types.ModuleType):
             raise self.NVMLError("Driver Not Loaded")
 
     def nvmlShutdown(self):
-        pass
+        """Nothing to release in the fake."""
 
     def nvmlSystemGetDriverVersion(self):
         return self.driver

@@ -3,6 +3,7 @@
 import shutil
 
 import numpy as np
+import pytest
 import zarr
 
 from cellmap_repro import predict, process, train
@@ -58,10 +59,8 @@ def test_interrupted_prediction_resumes_tile_by_tile(fast_experiment, tiny_datas
         return original_forward(self, x)
 
     monkeypatch.setattr(torch.nn.Sequential, "forward", failing_forward)
-    try:
+    with pytest.raises(KeyboardInterrupt):
         predict.predict("fast", data_root=data, max_input=24, progress=False)
-    except KeyboardInterrupt:
-        pass
     partial = crop.with_name("crop3.partial")
     assert partial.exists() and not crop.exists(), "an interrupted crop is never presented as complete"
     calls.clear()

@@ -134,13 +134,13 @@ def predict(
 
     from cellmap_repro import determinism
     from cellmap_repro.datasplit import read_datasplit
-    from cellmap_repro.experiment import experiment_checkpoints_dir, load_experiment
+    from cellmap_repro.experiment import load_experiment
     from cellmap_repro.model import output_size_for, size_step
 
     data = settings.data_root(data_root)
     # Resolved before the model config is loaded: loading builds the model, which may download weights.
-    default_checkpoint = load_experiment(experiment_name, experiments_root, parts=("process_config",)).process.checkpoint
-    ckpt_path = checkpoint.resolve(experiment_checkpoints_dir(experiment_name, experiments_root), which_checkpoint or default_checkpoint)
+    process_only = load_experiment(experiment_name, experiments_root, parts=("process_config",))
+    ckpt_path = checkpoint.resolve(process_only.checkpoints_dir, which_checkpoint or process_only.process.checkpoint)
     experiment = load_experiment(experiment_name, experiments_root, parts=("train_config",))
     config = experiment.train
     state = checkpoint.load(ckpt_path)

@@ -137,11 +137,11 @@ def train(
     explicit_threads = threads or (int(os.environ["CELLMAP_REPRO_THREADS"]) if os.environ.get("CELLMAP_REPRO_THREADS") else None)
     torch.set_num_threads(explicit_threads or determinism.available_cores())
     # Checked before the config is loaded: loading builds the model, which may download weights.
-    _refuse_bad_start(experiment_checkpoints_dir(experiment_name, experiments_root), resume, overwrite)
+    checkpoints_dir = experiment_checkpoints_dir(experiment_name, experiments_root)
+    _refuse_bad_start(checkpoints_dir, resume, overwrite)
     experiment = load_experiment(experiment_name, experiments_root, parts=("train_config",))
     config = experiment.train
     run = Settings.resolve(config, overrides, explicit_threads or config.num_threads or determinism.available_cores())
-    checkpoints_dir = experiment.checkpoints_dir
     if overwrite and not resume:
         _clear_previous_run(checkpoints_dir, experiment.logs_dir / "tensorboard" / config.model_name)
 
