@@ -7,10 +7,11 @@ from cellmap_repro.classes import class_relations
 from cellmap_repro.experiment import load_experiment
 
 
-def sample(training, usage: str, index: int, position: int):
-    datasets = training.split.train_datasets if usage == "train" else training.split.validation_datasets
-    torch.manual_seed(position)
-    return datasets[index][position]
+def sample(training, usage: str, crop: int, position: int):
+    """Sample ``position`` of the ``crop``-th crop of a split, as the training loop reads it."""
+    plan = training.train if usage == "train" else training.validate
+    spec = plan.specs[crop]
+    return plan.read(int(plan.starts[crop]) + position % spec.size, seed=position)
 
 
 def test_unannotated_class_is_nan_except_where_an_exclusive_class_is_present(fast_experiment):

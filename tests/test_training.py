@@ -64,11 +64,13 @@ def test_two_runs_are_bitwise_identical_and_seed_matters(fast_experiment):
     assert other_seed["2"]["sha256"] != first["2"]["sha256"]
 
 
-def test_loader_workers_are_refused_clearly(fast_experiment):
-    from cellmap_repro.errors import ReproError
-
-    with pytest.raises(ReproError, match="num_workers=2"):
-        train.train("fast", overrides=train.Overrides(**{**FAST.as_dict(), "num_workers": 2}), progress=False)
+def test_loader_workers_give_the_same_checkpoints(fast_experiment):
+    """Samples depend only on (seed, position): 0 and 2 spawned workers train the same bytes."""
+    in_process = train.train("fast", overrides=FAST, progress=False).checkpoint_hashes
+    workers = train.train("fast", overrides=train.Overrides(**{**FAST.as_dict(), "num_workers": 2}), overwrite=True, progress=False).checkpoint_hashes
+    assert {k: v["sha256"] for k, v in in_process.items()} == {k: v["sha256"] for k, v in workers.items()}
+    recorded = json.loads((fast_experiment / "checkpoints" / "manifest.json").read_text())
+    assert recorded["settings"]["num_workers"] == 2
 
 
 def test_refuses_to_overwrite_or_resume_nothing(fast_experiment):

@@ -5,6 +5,7 @@ import torchvision.transforms.v2 as T
 from cellmap_data.transforms import Binarize, NaNtoNum
 
 from cellmap_repro.classes import tested_classes
+from cellmap_repro.transforms import MinMaxNormalize
 
 # All 48 classes the challenge scores, in the class table's order.
 classes = tested_classes()
@@ -21,13 +22,15 @@ spatial_transforms = {
     "rotate": {"axes": {"x": [-180, 180], "y": [-180, 180], "z": [-180, 180]}},
 }
 
-# The baseline defined intensity augmentations under names the toolbox never read, so
-# they were not applied; to stay faithful the raw data is only scaled to [0, 1].
-train_raw_value_transforms = T.Compose([T.ToDtype(torch.float, scale=True), NaNtoNum({"nan": 0, "posinf": None, "neginf": None})])
-val_raw_value_transforms = T.Compose([T.ToDtype(torch.float, scale=True), NaNtoNum({"nan": 0, "posinf": None, "neginf": None})])
+# Raw reaches these as float32 in [0, 1] on every path (training, validation, predict).
+# The baseline's raw transform was the toolbox default of January 2025: per-patch
+# min-max to [0, 1] (cellmap-data's Normalize() then), ToDtype(float, scale=True) (a
+# no-op on float input, left out) and NaN -> 0. Its intensity augmentations were
+# defined under names the toolbox never read, so they were not applied; nor are they here.
+train_raw_value_transforms = T.Compose([MinMaxNormalize(), NaNtoNum({"nan": 0, "posinf": None, "neginf": None})])
+val_raw_value_transforms = T.Compose([MinMaxNormalize(), NaNtoNum({"nan": 0, "posinf": None, "neginf": None})])
 target_value_transforms = T.Compose([T.ToDtype(torch.float), Binarize()])
 
 use_mutual_exclusion = True
 weighted_sampler = True
-num_workers = 0
 pad = True

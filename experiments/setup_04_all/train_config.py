@@ -7,7 +7,6 @@ from .data import (
     classes,
     datasplit_path,
     force_all_classes,
-    num_workers,
     pad,
     spatial_transforms,
     target_value_transforms,

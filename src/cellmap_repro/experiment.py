@@ -60,7 +60,8 @@ class DataConfig(BaseModel):
     target_value_transforms: Any = None
     use_mutual_exclusion: bool = True
     weighted_sampler: bool = True
-    num_workers: int = Field(0, ge=0)
+    # loader worker processes; None: as many as the cores allow (one core left to training)
+    num_workers: Optional[int] = Field(None, ge=0)
     pad: bool = True
 
     @field_validator("classes")
@@ -92,6 +93,7 @@ class TrainConfig(BaseModel):
     random_seed: int = 13
     num_threads: Optional[int] = Field(None, gt=0)
     deterministic: bool = True
+    allow_tf32: bool = True
     load_model: Literal["best", "latest"] = "best"
 
 

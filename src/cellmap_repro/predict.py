@@ -114,6 +114,18 @@ def read_padded(array, start, size) -> np.ndarray:
     return out
 
 
+def tile_input(raw, start, shape, transform):
+    """One tile's network input (1, *shape): the raw block through the engine's one
+    normalisation and the experiment's validation transforms, as validation sees it."""
+    import torch
+
+    from cellmap_repro.augment import unit
+    from cellmap_repro.data import normalised_raw
+
+    block = torch.from_numpy(read_padded(raw, start, np.asarray(shape)).astype(np.float32))
+    return normalised_raw(block * (1.0 / unit(raw.dtype)), transform)[None]
+
+
 def tile_starts(extent: int, tile: int) -> list[int]:
     return list(range(0, extent, tile))
 
@@ -128,6 +140,7 @@ def predict(
     max_input: int = 306,
     overwrite: bool = False,
     progress: bool = True,
+    batch_size: int | None = None,
 ) -> Path:
     import torch
     import zarr
@@ -149,7 +162,7 @@ def predict(
     device = determinism.device()
     model.to(device).eval()
     ckpt_digest = checkpoint.recorded_digest(ckpt_path)
-    determinism.configure(config.random_seed, torch.get_num_threads(), config.deterministic)
+    determinism.configure(config.random_seed, torch.get_num_threads(), config.deterministic, config.allow_tf32)
 
     in_scale, out_scale = config.input_array_info.scale, config.target_array_info.scale
     if any(abs(a - b) > 1e-6 for a, b in zip(in_scale, out_scale)):
@@ -180,11 +193,11 @@ def predict(
             if done.get("checkpoint_sha256") == ckpt_digest and done.get("shape") == record["shape"]:
                 print(f"crop{target.crop_id}: up to date, skipped ({crop_dir})")
                 continue
-        _predict_crop(model, config, raw, crop_dir, grid_start, grid_shape, in_shape, out_shape, level, record, progress, f"predict crop{target.crop_id}", device)
+        _predict_crop(model, config, raw, crop_dir, grid_start, grid_shape, in_shape, out_shape, level, record, progress, f"predict crop{target.crop_id}", device, batch_size or (config.batch_size if device.type == "cuda" else 1))
     return out_root
 
 
-def _predict_crop(model, config, raw, crop_dir: Path, grid_start, grid_shape, in_shape, out_shape, level, record, progress, desc, device):
+def _predict_crop(model, config, raw, crop_dir: Path, grid_start, grid_shape, in_shape, out_shape, level, record, progress, desc, device, batch_size):
     import torch
     import zarr
     from tqdm import tqdm
@@ -212,23 +225,21 @@ def _predict_crop(model, config, raw, crop_dir: Path, grid_start, grid_shape, in
         arrays[class_name] = sub.require_dataset("s0", shape=tuple(int(s) for s in grid_shape), chunks=chunks, dtype="f4", fill_value=0.0, dimension_separator="/")
     context_low = (np.array(in_shape) - np.array(out_shape)) // 2
     tiles = [(z, y, x) for z in tile_starts(grid_shape[0], out_shape[0]) for y in tile_starts(grid_shape[1], out_shape[1]) for x in tile_starts(grid_shape[2], out_shape[2])]
-    transform = config.val_raw_value_transforms
+    pending = [tile for tile in tiles if tile not in finished]
     with tqdm(total=len(tiles), initial=len(finished), desc=desc, unit="tile", disable=not progress) as bar:
-        for tile in tiles:
-            if tile in finished:
-                continue
-            start = grid_start + np.array(tile) - context_low
-            block = torch.from_numpy(read_padded(raw, start, np.array(in_shape)))
-            block = transform(block) if transform is not None else block.float()
+        for first in range(0, len(pending), batch_size):
+            batch = pending[first : first + batch_size]
+            inputs = torch.stack([tile_input(raw, grid_start + np.array(tile) - context_low, in_shape, config.val_raw_value_transforms) for tile in batch])
             with torch.no_grad():
-                logits = model(block[None, None].float().to(device))[0].cpu().numpy()
-            write = np.minimum(np.array(out_shape), grid_shape - np.array(tile))
-            region = tuple(slice(t, t + w) for t, w in zip(tile, write))
-            for channel, class_name in enumerate(config.classes):
-                arrays[class_name][region] = logits[channel][tuple(slice(0, w) for w in write)]
-            finished.add(tile)
+                logits = model(inputs.to(device)).cpu().numpy()
+            for tile, tile_logits in zip(batch, logits):
+                write = np.minimum(np.array(out_shape), grid_shape - np.array(tile))
+                region = tuple(slice(t, t + w) for t, w in zip(tile, write))
+                for channel, class_name in enumerate(config.classes):
+                    arrays[class_name][region] = tile_logits[channel][tuple(slice(0, w) for w in write)]
+                finished.add(tile)
             atomic_write_json(progress_file, {"record": record, "finished": sorted(finished)})
-            bar.update(1)
+            bar.update(len(batch))
     group.attrs[ATTRS_KEY] = record
     progress_file.unlink()
     if crop_dir.exists():
@@ -246,6 +257,7 @@ def run(args: argparse.Namespace) -> int:
         Path(args.test_manifest) if args.test_manifest else None,
         args.max_input,
         args.overwrite,
+        batch_size=args.batch_size,
     )
     print(f"predictions: {out}")
     return 0
@@ -259,5 +271,6 @@ def register(subparsers) -> None:
     parser.add_argument("--crops", default="validate", help="validate (default), train, all, or crop ids like 1,2 from the datasplit")
     parser.add_argument("--test-manifest", default=None, help="predict the test crops of this test_crop_manifest.csv instead")
     parser.add_argument("--max-input", type=int, default=306, help="largest tile input edge in voxels (memory bound; default %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=None, help="tiles per forward pass (default: the experiment's batch_size on a GPU, 1 on the CPU)")
     parser.add_argument("--overwrite", action="store_true", help="predict again even where up-to-date output exists")
     parser.set_defaults(func=run)

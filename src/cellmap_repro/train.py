@@ -34,9 +34,15 @@ class Overrides:
     seed: int | None = None
     checkpoint_every: int | None = None
     num_workers: int | None = None
+    augment_device: str | None = None
+    allow_tf32: bool | None = None
 
     def as_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if v is not None}
+
+    def result_deciding(self) -> dict:
+        """The overrides that can change a run's bytes (the worker count cannot)."""
+        return {k: v for k, v in self.as_dict().items() if k != "num_workers"}
 
 
 @dataclass
@@ -49,6 +55,8 @@ class Settings:
     checkpoint_every: int
     num_workers: int
     threads: int
+    augment_device: str = "cpu"
+    allow_tf32: bool = True
 
     @classmethod
     def resolve(cls, config, overrides: Overrides, threads: int) -> "Settings":
@@ -63,9 +71,17 @@ class Settings:
             validation_batches=pick("validation_batches"),
             seed=seed,
             checkpoint_every=overrides.checkpoint_every or min(100, iterations),
-            num_workers=pick("num_workers"),
+            num_workers=_workers(pick("num_workers")),
             threads=threads,
+            augment_device=overrides.augment_device or "cpu",
+            allow_tf32=pick("allow_tf32"),
         )
+
+
+def _workers(configured: int | None) -> int:
+    from cellmap_repro.data import default_workers
+
+    return default_workers() if configured is None else configured
 
 
 @dataclass
@@ -142,11 +158,13 @@ def train(
     experiment = load_experiment(experiment_name, experiments_root, parts=("train_config",))
     config = experiment.train
     run = Settings.resolve(config, overrides, explicit_threads or config.num_threads or determinism.available_cores())
+    device = determinism.device()
+    if run.augment_device == "cuda" and device.type != "cuda":
+        raise ReproError("--augment-device cuda needs a GPU, and this run trains on the CPU")
     if overwrite and not resume:
         _clear_previous_run(checkpoints_dir, experiment.logs_dir / "tensorboard" / config.model_name)
 
-    determinism.configure(run.seed, run.threads, config.deterministic)
-    device = determinism.device()
+    determinism.configure(run.seed, run.threads, config.deterministic, run.allow_tf32)
     model = config.model
     for module in trainable_modules(model):
         module.reset_parameters()
@@ -188,8 +206,8 @@ def train(
     log.line(f"{'resume' if resume else 'start'} at iteration {iteration}; settings {run.__dict__}")
     total = run.epochs * run.iterations_per_epoch
     kill_at = int(os.environ[KILL_AT_ENV]) if os.environ.get(KILL_AT_ENV) else None
-    weights = training_data.sample_weights() if config.weighted_sampler else None
-    train_size = len(training_data.train)
+    batches = _training_batches(training_data, run, config, iteration, device)
+    validation = Validation(training_data, run, device)
     bar = tqdm(total=total, initial=iteration, desc=f"train {experiment_name}", unit="it", disable=not progress, dynamic_ncols=True)
 
     def state_dict(epoch_done: bool) -> dict:
@@ -207,15 +225,11 @@ def train(
 
     try:
         for epoch in range(iteration // run.iterations_per_epoch, run.epochs):
-            per_epoch = run.iterations_per_epoch * run.batch_size
-            indices = data_module.epoch_indices(run.seed, epoch, per_epoch, weights, train_size)
-            samples = data_module.SeededSamples(training_data.train, indices, run.seed, first_position=epoch * per_epoch)
-            start = (iteration - epoch * run.iterations_per_epoch) * run.batch_size
             model.train()
-            for batch in data_module.loader(samples, run.batch_size, run.num_workers, start=start):
+            while iteration < (epoch + 1) * run.iterations_per_epoch:
+                inputs, target = next(batches)
                 optimizer.zero_grad(set_to_none=True)
-                logits = model(batch[data_module.INPUT_KEY].to(device))
-                loss = masked_loss(criterion, logits, batch[data_module.TARGET_KEY].to(device))
+                loss = masked_loss(criterion, model(inputs), target)
                 loss.backward()
                 if config.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
@@ -230,7 +244,7 @@ def train(
                 bar.set_postfix(epoch=epoch + 1, loss=f"{value:.4g}")
                 if iteration % run.checkpoint_every == 0 and iteration % run.iterations_per_epoch:
                     checkpoint.save(checkpoints_dir / "latest.pth", state_dict(epoch_done=False))
-            score = validate(model, criterion, training_data, run, data_module, device)
+            score = validation.score(model, criterion)
             if scheduler is not None:
                 scheduler.step()
             if score is not None:
@@ -252,22 +266,45 @@ def train(
     return TrainResult(iteration, iteration // run.iterations_per_epoch, checkpoints_dir, log.tensorboard_dir, manifest_path, run_manifest["checkpoints"])
 
 
-def validate(model, criterion, training_data, run: Settings, data_module, device) -> float | None:
-    """Mean masked loss over a fixed set of validation batches (lower is better)."""
-    import torch
+def _training_batches(training_data, run: Settings, config, iteration: int, device):
+    """The run's (input, target) batches on ``device`` from ``iteration`` on (one loader for the whole run)."""
+    from cellmap_repro import data as data_module
 
-    dataset = training_data.validate
-    if run.validation_batches == 0 or len(dataset) == 0:
-        return None
-    indices = data_module.validation_indices(run.seed, run.validation_batches * run.batch_size, len(dataset))
-    samples = data_module.SeededSamples(dataset, indices, run.seed, first_position=data_module.VALIDATION_STREAM)
-    model.eval()
-    losses = []
-    with torch.no_grad():
-        for batch in data_module.loader(samples, run.batch_size, run.num_workers):
-            logits = model(batch[data_module.INPUT_KEY].to(device))
-            losses.append(float(masked_loss(criterion, logits, batch[data_module.TARGET_KEY].to(device))))
-    return sum(losses) / len(losses)
+    per_epoch = run.iterations_per_epoch * run.batch_size
+    weights = training_data.crop_weights() if config.weighted_sampler else None
+    samples = data_module.RunSamples(training_data.train, run.seed, per_epoch, run.epochs * per_epoch, weights, defer_raw=run.augment_device != "cpu")
+    batches = data_module.loader(samples, run.batch_size, run.num_workers, start=iteration * run.batch_size, pin_memory=device.type == "cuda")
+    return data_module.on_device(batches, training_data.train, device)
+
+
+class Validation:
+    """Mean masked loss over a fixed set of validation batches (lower is better).
+
+    Its loader (at most 2 workers: a few batches per epoch) is built on first use and
+    kept, so its workers start once per run.
+    """
+
+    def __init__(self, training_data, run: Settings, device):
+        self.plan, self.run, self.device = training_data.validate, run, device
+        self.batches = None
+
+    def score(self, model, criterion) -> float | None:
+        import torch
+
+        from cellmap_repro import data as data_module
+
+        if self.run.validation_batches == 0 or len(self.plan) == 0:
+            return None
+        if self.batches is None:
+            indices = data_module.validation_indices(self.run.seed, self.run.validation_batches * self.run.batch_size, len(self.plan))
+            samples = data_module.FixedSamples(self.plan, indices, self.run.seed)
+            self.batches = data_module.loader(samples, self.run.batch_size, min(self.run.num_workers, 2), pin_memory=self.device.type == "cuda")
+        model.eval()
+        losses = []
+        with torch.no_grad():
+            for inputs, target in data_module.on_device(self.batches, self.plan, self.device):
+                losses.append(float(masked_loss(criterion, model(inputs), target)))
+        return sum(losses) / len(losses)
 
 
 def _start_manifest(experiment, training_data, run: Settings, overrides: dict, class_weights: dict, config) -> dict:
@@ -287,7 +324,8 @@ def _start_manifest(experiment, training_data, run: Settings, overrides: dict, c
         "settings": run.__dict__,
         "device": str(determinism.device()),
         "overrides": overrides,
-        "config_sha256": manifest.config_hash(experiment.directory, {"overrides": overrides, "seed": run.seed}),
+        # the worker count changes no byte of the run, so it may differ on resume
+        "config_sha256": manifest.config_hash(experiment.directory, {"overrides": {k: v for k, v in overrides.items() if k != "num_workers"}, "seed": run.seed}),
         "datasplit_sha256": sha256_file(experiment.datasplit_path),
         "data_sha256": manifest.data_hashes(training_data.rows, raw_levels),
         "pretrained_weights": {
@@ -312,6 +350,8 @@ def overrides_from_args(args: argparse.Namespace) -> Overrides:
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
         num_workers=args.num_workers,
+        augment_device=args.augment_device,
+        allow_tf32=args.tf32,
     )
 
 
@@ -325,13 +365,17 @@ def run_cli(args: argparse.Namespace) -> int:
 
 
 def add_override_arguments(parser: argparse.ArgumentParser) -> None:
+    from cellmap_repro.data import AUGMENT_DEVICES
+
     parser.add_argument("--epochs", type=int, default=None, help="override the config's epochs")
     parser.add_argument("--iterations-per-epoch", type=int, default=None, help="override iterations_per_epoch")
     parser.add_argument("--batch-size", type=int, default=None, help="override batch_size")
     parser.add_argument("--validation-batches", type=int, default=None, help="override validation_batches")
     parser.add_argument("--seed", type=int, default=None, help="override the seed (also: env SEED)")
     parser.add_argument("--checkpoint-every", type=int, default=None, help="refresh latest.pth every N iterations (default: min(100, iterations per epoch))")
-    parser.add_argument("--num-workers", type=int, default=None, help="override num_workers")
+    parser.add_argument("--num-workers", type=int, default=None, help="loader worker processes (default: data.py's num_workers, else one per core but one); changes no result")
+    parser.add_argument("--augment-device", choices=AUGMENT_DEVICES, default=None, help="where rotated raw windows are interpolated: cpu (in the loader workers, default) or cuda (the workers only read blocks)")
+    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None, help="allow TF32 in cuDNN/cuBLAS (default: train_config's allow_tf32, True); deterministic either way")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: $CELLMAP_REPRO_THREADS or all cores); part of the reproducibility contract")
 
 

@@ -11,3 +11,5 @@ spatial_transforms = {
 train_raw_value_transforms = T.Compose([T.ToDtype(torch.float, scale=True), NaNtoNum({"nan": 0, "posinf": None, "neginf": None})])
 val_raw_value_transforms = T.Compose([T.ToDtype(torch.float, scale=True), NaNtoNum({"nan": 0, "posinf": None, "neginf": None})])
 target_value_transforms = T.Compose([T.ToDtype(torch.float), Binarize()])
+# In-process loading keeps these tests quick; tests of loader workers override it.
+num_workers = 0
