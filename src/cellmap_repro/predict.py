@@ -2,9 +2,11 @@
 
 For each crop (the datasplit's validation crops by default, or test crops from a test
 manifest) the output grid is the raw level at the model's input voxel size, clipped to
-the crop's box; tiles use the smallest valid input (216 + 18k for setup04) whose output
-covers the crop, up to ``--max-input``. Logits are written per class as OME-NGFF
-multiscale groups: ``<data>/predictions/<exp>/<dataset>.zarr/crop<id>/<class>/s0``.
+the crop's box. Tiles are the model's training input (216³ -> 30³ for setup04), read and
+normalised exactly as validation reads them (:func:`tile_input`), and batched
+(``--batch-size``); ``--max-input`` grows them (in the model's valid input steps) for
+speed. Logits are written per class as OME-NGFF multiscale groups:
+``<data>/predictions/<exp>/<dataset>.zarr/crop<id>/<class>/s0``.
 
 Resumable: a crop is built in ``crop<id>.partial`` with a record of finished tiles and
 renamed when complete; a rerun skips complete crops made with the same checkpoint and
@@ -137,7 +139,7 @@ def predict(
     which_checkpoint: str | None = None,
     crops: str = "validate",
     test_manifest: Path | None = None,
-    max_input: int = 306,
+    max_input: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
     batch_size: int | None = None,
@@ -182,7 +184,9 @@ def predict(
         raw_level = find_level(read_levels(target.raw_group, where=where), in_scale, where)
         raw = zarr.open_array(str(target.raw_group / raw_level.path), mode="r")
         grid_start, grid_shape = output_grid(target, raw_level)
-        needed = np.minimum(grid_shape, max(1, max_input - int(context.max())))
+        # By default a tile is the training input: a per-patch normalisation (setup_04_all's
+        # min-max) then sees windows of the size it was trained on.
+        needed = np.asarray(config.target_array_info.shape) if max_input is None else np.minimum(grid_shape, max(1, max_input - int(context.max())))
         in_shape, out_shape = output_size_for(config.input_array_info.shape, config.target_array_info.shape, step, needed)
         crop_dir = out_root / f"{target.dataset}.zarr" / f"crop{target.crop_id}"
         translation = tuple(t + s * k for t, s, k in zip(raw_level.translation, raw_level.scale, grid_start))
@@ -270,7 +274,7 @@ def register(subparsers) -> None:
     parser.add_argument("--checkpoint", default=None, help="best, latest, an epoch number or a path (default: process_config's, best)")
     parser.add_argument("--crops", default="validate", help="validate (default), train, all, or crop ids like 1,2 from the datasplit")
     parser.add_argument("--test-manifest", default=None, help="predict the test crops of this test_crop_manifest.csv instead")
-    parser.add_argument("--max-input", type=int, default=306, help="largest tile input edge in voxels (memory bound; default %(default)s)")
+    parser.add_argument("--max-input", type=int, default=None, help="grow tiles up to this input edge in voxels (fewer, larger tiles: faster, but a per-patch normalisation then sees larger windows than in training; default: tiles of the training input size)")
     parser.add_argument("--batch-size", type=int, default=None, help="tiles per forward pass (default: the experiment's batch_size on a GPU, 1 on the CPU)")
     parser.add_argument("--overwrite", action="store_true", help="predict again even where up-to-date output exists")
     parser.set_defaults(func=run)

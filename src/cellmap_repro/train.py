@@ -12,6 +12,7 @@ import argparse
 import os
 import shutil
 import signal
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -227,7 +228,9 @@ def train(
         for epoch in range(iteration // run.iterations_per_epoch, run.epochs):
             model.train()
             while iteration < (epoch + 1) * run.iterations_per_epoch:
+                started = time.perf_counter()
                 inputs, target = next(batches)
+                waited = time.perf_counter() - started
                 optimizer.zero_grad(set_to_none=True)
                 loss = masked_loss(criterion, model(inputs), target)
                 loss.backward()
@@ -237,9 +240,12 @@ def train(
                 iteration += 1
                 if kill_at is not None and iteration == kill_at:
                     os.kill(os.getpid(), signal.SIGKILL)
-                value = float(loss.detach())
+                value = float(loss.detach())  # waits for the step to finish
                 log.scalar("loss", value, iteration)
                 log.scalar("lr", optimizer.param_groups[0]["lr"], iteration)
+                # what a data path that keeps up with the device looks like: wait near 0
+                log.scalar("time/data_wait_s", waited, iteration)
+                log.scalar("time/iteration_s", time.perf_counter() - started, iteration)
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{value:.4g}")
                 if iteration % run.checkpoint_every == 0 and iteration % run.iterations_per_epoch:
