@@ -313,7 +313,7 @@ class Experiment:
 
     def input_step(self) -> tuple[int, int, int]:
         """``input_step`` of model.py, checked with one probe; else derived by probing."""
-        from cellmap_repro.model import derive_input_step, output_shape
+        from cellmap_repro.model import derive_input_step, model_output_shape
 
         config = self.configs["model"]
         where = str(self.directory / "model.py")
@@ -324,7 +324,7 @@ class Experiment:
         grown = tuple(s + d for s, d in zip(in_info.shape, config.input_step))
         wanted = tuple(round(t + d * r) for t, d, r in zip(out_info.shape, config.input_step, ratio))
         try:
-            got = output_shape(config.model, grown, self.shape_forward)[0][2:]
+            got = model_output_shape(config.model, grown, self.shape_forward)[0][2:]
         except Exception as exc:
             got = f"an error ({type(exc).__name__})"
         if got != wanted:

@@ -217,7 +217,7 @@ def _device(model):
     return next((p.device for p in model.parameters()), "cpu")
 
 
-def output_shape(model, input_shape, forward=None) -> tuple[tuple[int, ...], object]:
+def model_output_shape(model, input_shape, forward=None) -> tuple[tuple[int, ...], object]:
     """The model's output shape for one 1-channel sample, and the cheapest forward that works.
 
     Tried in order: meta weights (milliseconds even for setup04), fake tensors, then a
@@ -242,7 +242,7 @@ def output_shape(model, input_shape, forward=None) -> tuple[tuple[int, ...], obj
 def check_shapes(model, input_shape, expected, where: str):
     """One line naming both shapes when the model does not map input to (classes, *target)."""
     try:
-        shape, forward = output_shape(model, input_shape)
+        shape, forward = model_output_shape(model, input_shape)
     except ReproError as exc:
         raise ReproError(f"{where}: {exc}") from None
     except Exception as exc:
@@ -256,7 +256,7 @@ def check_shapes(model, input_shape, expected, where: str):
     return forward
 
 
-def derive_input_step(model, input_shape, target_shape, ratio, forward, where: str, largest: int = 64) -> tuple[int, ...]:
+def derive_input_step(model, input_shape, target_shape, ratio, forward, where: str, largest: int = 128) -> tuple[int, ...]:
     """Per axis the smallest d > 0 by which the input may grow: the output grows by exactly d * ratio."""
     steps = []
     for axis in range(len(input_shape)):
@@ -264,7 +264,7 @@ def derive_input_step(model, input_shape, target_shape, ratio, forward, where: s
             grown = list(input_shape)
             grown[axis] += d
             try:
-                shape = output_shape(model, grown, forward)[0][2:]
+                shape = model_output_shape(model, grown, forward)[0][2:]
             except Exception:
                 continue  # not a valid input size
             wanted = list(target_shape)
