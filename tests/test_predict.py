@@ -53,6 +53,8 @@ def test_interrupted_prediction_resumes_tile_by_tile(fast_experiment, tiny_datas
     original_forward = torch.nn.Sequential.forward
 
     def failing_forward(self, x):
+        if x.device.type == "meta":  # the shape check and input-step probes at load
+            return original_forward(self, x)
         calls.append(1)
         if len(calls) == 5:
             raise KeyboardInterrupt  # the user presses Ctrl-C during the fifth tile
@@ -64,7 +66,7 @@ def test_interrupted_prediction_resumes_tile_by_tile(fast_experiment, tiny_datas
     partial = crop.with_name("crop3.partial")
     assert partial.exists() and not crop.exists(), "an interrupted crop is never presented as complete"
     calls.clear()
-    monkeypatch.setattr(torch.nn.Sequential, "forward", lambda self, x: (calls.append(1), original_forward(self, x))[1])
+    monkeypatch.setattr(torch.nn.Sequential, "forward", lambda self, x: (x.device.type == "meta" or calls.append(1), original_forward(self, x))[1])
     predict.predict("fast", data_root=data, max_input=24, progress=False)
     tiles = 2 * 2 * 2  # 48 voxels per axis in tiles of the smallest output, 32
     assert len(calls) == tiles - 4, "only the tiles not finished before the interruption are predicted"

@@ -15,7 +15,8 @@ def test_verify_repeat_and_resume_pass(fast_experiment, tmp_path):
     assert report["equal"] is True
     assert report["checks"]["repeat"]["equal"] and report["checks"]["resume"]["equal"]
     assert report["checks"]["resume"]["killed_at_iteration"] == 2
-    assert "bitwise equal" in result.stdout
+    # The exact verdict line: "NOT bitwise equal" contains "bitwise equal" too.
+    assert "bitwise equal" in result.stdout.splitlines() and "NOT bitwise equal" not in result.stdout
     assert not (fast_experiment / "checkpoints").exists(), "verify must not touch the experiment's own run"
 
 
@@ -40,3 +41,4 @@ def test_verify_against_names_the_differing_factor(fast_experiment, tmp_path):
     assert "software.packages.torch" in factors
     assert "hardware.gpus" in factors
     assert "software.packages.torch" in result.stdout
+    assert "NOT bitwise equal" in result.stdout.splitlines() and "bitwise equal" not in result.stdout.splitlines()

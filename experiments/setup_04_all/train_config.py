@@ -33,4 +33,3 @@ criterion_kwargs = {"reduction": "none"}
 # pos_weight per class = background/foreground voxel ratio from the training crops.
 weight_loss = True
 optimizer = torch.optim.RAdam(model.parameters(), lr=learning_rate, decoupled_weight_decay=True)
-load_model = "best"

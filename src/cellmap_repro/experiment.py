@@ -3,16 +3,26 @@
 An experiment is configuration only, in the layout challenge users know:
 ``model.py`` (architecture and weights), ``data.py`` (classes, arrays, transforms),
 ``train_config.py`` (imports from both plus optimisation settings) and
-``process_config.py`` (post-processing). Each file's top-level variables are checked
-against the names it may define: a misspelt or unknown variable is an error naming the
-file and the variable, never a silently ignored setting. Names starting with ``_``,
-functions, classes and absolute imports are free for the author's own use.
+``process_config.py`` (post-processing), plus any helper modules they import
+(``from .unet import UNet``). Each file's top-level variables are checked against the
+names it may define: a misspelt or unknown variable is an error naming the file and the
+variable, never a silently ignored setting. Names starting with ``_``, functions,
+classes and absolute imports are free for the author's own use.
+
+Building the model follows one recipe wherever it happens (train, resume, predict):
+every RNG is seeded with the run seed *before* ``model.py`` is imported (so
+construction-time initialisation is repeatable), the modules named in ``reinitialize``
+(none by default: pretrained layers keep their weights) are re-initialised, and the
+model's output shape for ``input_array_info.shape`` is checked once against
+``(len(classes), *target_array_info.shape)`` on meta weights (milliseconds).
 """
 
 from __future__ import annotations
 
 import ast
 import importlib.util
+import inspect
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -20,13 +30,14 @@ from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
 
 from cellmap_repro import settings
 from cellmap_repro.classes import check_classes
 from cellmap_repro.errors import ReproError
 
 _ALLOW_OBJECTS = ConfigDict(extra="forbid", arbitrary_types_allowed=True, frozen=True)
+DEFAULT_SEED = 13
 
 
 class ArrayInfo(BaseModel):
@@ -44,6 +55,27 @@ class ModelConfig(BaseModel):
     input_array_info: ArrayInfo
     target_array_info: ArrayInfo
     pretrained_checkpoint: Optional[str] = None
+    # Module-name prefixes whose parameters the engine re-initialises after building
+    # (seeded); nothing else is ever reset, so pretrained layers keep their weights.
+    reinitialize: list[str] = []
+    # Per axis, the amount by which the input may grow (the output then grows by the
+    # same amount times input/output voxel size); predict grows tiles in these steps.
+    # Left out, it is derived by probing the model on meta weights.
+    input_step: Optional[tuple[PositiveInt, PositiveInt, PositiveInt]] = None
+
+    @field_validator("model")
+    @classmethod
+    def _a_module(cls, value):
+        import torch
+
+        if not isinstance(value, torch.nn.Module):
+            raise ValueError(f"must be a torch.nn.Module, got {type(value).__name__}")
+        return value
+
+    @field_validator("input_step", mode="before")
+    @classmethod
+    def _one_step_for_all_axes(cls, value):
+        return (value,) * 3 if isinstance(value, int) else value
 
 
 class DataConfig(BaseModel):
@@ -90,11 +122,10 @@ class TrainConfig(BaseModel):
     weight_loss: bool = True
     max_grad_norm: Optional[float] = Field(None, gt=0)
     scheduler: Any = None
-    random_seed: int = 13
+    random_seed: int = Field(DEFAULT_SEED, ge=0, lt=2**63)
     num_threads: Optional[int] = Field(None, gt=0)
     deterministic: bool = True
     allow_tf32: bool = True
-    load_model: Literal["best", "latest"] = "best"
 
 
 class ProcessConfig(BaseModel):
@@ -123,7 +154,7 @@ def bound_names(path: Path) -> tuple[set[str], set[str]]:
     Assigned names must all be known to the file's schema (that is how a misspelling is
     caught); imported names are only picked up where the schema wants them.
     """
-    tree = ast.parse(path.read_text(), filename=str(path))
+    tree = _parse(path)
     assigned: set[str] = set()
     imported: set[str] = set()
     for node in tree.body:
@@ -140,6 +171,92 @@ def bound_names(path: Path) -> tuple[set[str], set[str]]:
                     assigned.add(sub.id)
     public = lambda names: {n for n in names if not n.startswith("_")}  # noqa: E731
     return public(assigned), public(imported)
+
+
+def _parse(path: Path) -> ast.Module:
+    try:
+        return ast.parse(path.read_text(), filename=str(path))
+    except SyntaxError as exc:
+        raise ReproError(f"{path}:{exc.lineno}: syntax error: {exc.msg}") from None
+
+
+def run_seed(directory: Path, override: int | None = None) -> int:
+    """The run seed: ``--seed``, else env ``SEED``, else ``random_seed`` in train_config.py (13).
+
+    Read without running train_config.py, which imports model.py: the model must be built
+    after every RNG is seeded with this value, so it has to be a literal there.
+    """
+    if override is not None:
+        return _valid_seed(override, "--seed")
+    if os.environ.get("SEED", "").strip():
+        text = os.environ["SEED"].strip()
+        if not re.fullmatch(r"[+-]?\d+", text):
+            raise ReproError(f"SEED={text!r} is not a whole number")
+        return _valid_seed(int(text), "SEED")
+    path = directory / "train_config.py"
+    if not path.exists():
+        return DEFAULT_SEED
+    tree = _parse(path)
+    value = DEFAULT_SEED
+    for node in tree.body:
+        names = _assigned_or_imported(node)
+        if "random_seed" not in names:
+            continue
+        literal = _literal(node.value) if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None else None
+        if not isinstance(literal, int) or isinstance(literal, bool) or len(names) > 1:
+            raise ReproError(f"{path}: random_seed must be a whole-number literal (random_seed = 13): the model is built, seeded with it, before this file runs")
+        value = literal
+    return _valid_seed(value, f"{path}: random_seed")
+
+
+def _assigned_or_imported(node: ast.stmt) -> list[str]:
+    if isinstance(node, ast.Assign):
+        return [n.id for target in node.targets for n in ast.walk(target) if isinstance(n, ast.Name)]
+    if isinstance(node, (ast.AnnAssign, ast.AugAssign)):
+        return [n.id for n in ast.walk(node.target) if isinstance(n, ast.Name)]
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+        return [alias.asname or alias.name for alias in node.names]
+    return []
+
+
+def _literal(node: ast.expr):
+    try:
+        return ast.literal_eval(node)
+    except ValueError:
+        return None
+
+
+def _valid_seed(value: int, where: str) -> int:
+    if not 0 <= value < 2**63:
+        raise ReproError(f"{where}: seed {value} is out of range (a whole number from 0 to 2**63-1)")
+    return value
+
+
+def _keyword_names(function) -> set[str] | None:
+    """Keyword arguments ``function`` accepts; None when it takes ``**kwargs`` or cannot be inspected."""
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return {p.name for p in parameters}
+
+
+def check_criterion(config: "TrainConfig", path: Path) -> None:
+    """The engine builds the criterion with reduction="none" and masks unknown voxels itself."""
+    name = getattr(config.criterion, "__name__", repr(config.criterion))
+    reduction = config.criterion_kwargs.get("reduction", "none")
+    if reduction != "none":
+        raise ReproError(
+            f"{path}: criterion_kwargs reduction={reduction!r} would switch off true-negative masking: "
+            "the engine asks for per-voxel losses (reduction='none') and averages them over known voxels; remove it"
+        )
+    accepted = _keyword_names(config.criterion)
+    if accepted is not None and "reduction" not in accepted:
+        raise ReproError(f"{path}: criterion {name} does not accept reduction='none', which masking needs (per-voxel losses)")
+    if config.weight_loss and accepted is not None and "pos_weight" not in accepted:
+        raise ReproError(f"{path}: criterion {name} does not accept pos_weight (class weights); set weight_loss = False")
 
 
 def _format_validation_error(error: ValidationError, path: Path) -> str:
@@ -161,6 +278,8 @@ class Experiment:
     directory: Path
     package: ModuleType
     configs: dict[str, BaseModel] = field(default_factory=dict)
+    # How the model's output shape was computed at load (meta, fake or real forward).
+    shape_forward: Any = None
 
     def __getattr__(self, item: str):
         for config in self.__dict__.get("configs", {}).values():
@@ -193,6 +312,26 @@ class Experiment:
     @property
     def logs_dir(self) -> Path:
         return self.directory / "logs"
+
+    def input_step(self) -> tuple[int, int, int]:
+        """``input_step`` of model.py, checked with one probe; else derived by probing."""
+        from cellmap_repro.model import derive_input_step, model_output_shape
+
+        config = self.configs["model"]
+        where = str(self.directory / "model.py")
+        in_info, out_info = config.input_array_info, config.target_array_info
+        ratio = tuple(i / o for i, o in zip(in_info.scale, out_info.scale))
+        if config.input_step is None:
+            return derive_input_step(config.model, in_info.shape, out_info.shape, ratio, self.shape_forward, where)
+        grown = tuple(s + d for s, d in zip(in_info.shape, config.input_step))
+        wanted = tuple(round(t + d * r) for t, d, r in zip(out_info.shape, config.input_step, ratio))
+        try:
+            got = model_output_shape(config.model, grown, self.shape_forward)[0][2:]
+        except Exception as exc:
+            got = f"an error ({type(exc).__name__})"
+        if got != wanted:
+            raise ReproError(f"{where}: input_step {config.input_step} is not valid: input {grown} gives {got}, not {wanted}")
+        return config.input_step
 
 
 def experiment_dir(name: str, root: str | Path | None = None) -> Path:
@@ -237,23 +376,42 @@ def _load_file(package: ModuleType, directory: Path, part: str) -> BaseModel:
         raise ReproError(f"{path}: failed to load: {type(exc).__name__}: {exc}") from exc
     values = {n: getattr(module, n) for n in names if hasattr(module, n)}
     try:
-        return FILES[part].model_validate(values)
+        config = FILES[part].model_validate(values)
     except ValidationError as exc:
         raise ReproError(_format_validation_error(exc, path)) from None
+    if part == "train_config":
+        check_criterion(config, path)
+    return config
 
 
 def load_experiment(
     name: str,
     root: str | Path | None = None,
     parts: tuple[str, ...] = ("train_config", "process_config"),
+    seed: int | None = None,
 ) -> Experiment:
-    """Load the named config files of an experiment (``data`` alone avoids building the model)."""
+    """Load the named config files of an experiment (``data`` alone avoids building the model).
+
+    Loading ``model`` (or ``train_config``) builds the model: seeded with ``seed`` (default:
+    the run seed, see ``run_seed``), re-initialised where model.py asks, shapes checked.
+    """
+    from cellmap_repro.determinism import seed_everything
+    from cellmap_repro.model import check_shapes, reinitialize
+
     directory = experiment_dir(name, root)
+    builds_model = "model" in parts or "train_config" in parts
+    if builds_model:
+        parts = tuple(dict.fromkeys(("data", "model", *parts)))
+        seed_everything(run_seed(directory) if seed is None else seed)
     package = _import_package(name, directory)
     experiment = Experiment(name=name, directory=directory, package=package)
-    if "train_config" in parts:
-        parts = tuple(dict.fromkeys(("data", "model", *parts)))
     for part in parts:
         experiment.configs[part] = _load_file(package, directory, part)
+        if part == "model":
+            model_config = experiment.configs["model"]
+            reinitialize(model_config.model, model_config.reinitialize, str(directory / "model.py"))
+    if builds_model:
+        model_config = experiment.configs["model"]
+        expected = (len(experiment.configs["data"].classes), *model_config.target_array_info.shape)
+        experiment.shape_forward = check_shapes(model_config.model, model_config.input_array_info.shape, expected, str(directory / "model.py"))
     return experiment
-

@@ -21,7 +21,9 @@ from tqdm import tqdm
 from cellmap_repro.storage import atomic_write_json, sha256_file
 
 MANIFEST_NAME = "manifest.json"
-CONFIG_FILES = ("model.py", "data.py", "train_config.py", "process_config.py", "__init__.py")
+# Not configuration: run outputs, caches, and the README (`evaluate --update-readme` rewrites it).
+NOT_CONFIG_FOLDERS = ("checkpoints", "logs")
+NOT_CONFIG_FILES = ("README.md",)
 
 
 def repo_root() -> Path:
@@ -64,14 +66,35 @@ def hash_tree(paths: list[Path], desc: str = "hashing data") -> str:
     return digest.hexdigest()
 
 
+def config_files(experiment_dir: Path) -> dict[str, str]:
+    """sha256 of every file of an experiment folder that decides a run.
+
+    That is every file except ``checkpoints/``, ``logs/``, caches (``__pycache__``,
+    ``*.pyc``), hidden files and the top-level README.md: helper modules (``unet.py``)
+    and the datasplit count as much as model.py.
+    """
+    files = {}
+    for path in sorted(Path(experiment_dir).rglob("*")):
+        relative = path.relative_to(experiment_dir)
+        parts = relative.parts
+        if parts[0] in NOT_CONFIG_FOLDERS or "__pycache__" in parts or any(p.startswith(".") for p in parts):
+            continue
+        if path.suffix == ".pyc" or relative.as_posix() in NOT_CONFIG_FILES or not path.is_file():
+            continue
+        files[relative.as_posix()] = sha256_file(path)
+    return files
+
+
 def config_hash(experiment_dir: Path, overrides: dict) -> str:
     digest = hashlib.sha256()
-    for name in CONFIG_FILES:
-        path = experiment_dir / name
-        if path.exists():
-            digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+    for name, file_hash in config_files(experiment_dir).items():
+        digest.update(name.encode() + b"\0" + file_hash.encode() + b"\0")
     digest.update(json.dumps(overrides, sort_keys=True).encode())
     return digest.hexdigest()
+
+
+def changed_files(recorded: dict[str, str], current: dict[str, str]) -> list[str]:
+    return sorted(name for name in set(recorded) | set(current) if recorded.get(name) != current.get(name))
 
 
 def data_hashes(rows, raw_levels: dict[str, str]) -> dict[str, str]:

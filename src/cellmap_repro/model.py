@@ -154,22 +154,127 @@ def conv_head(in_channels: int, out_channels: int, hidden_layers: int = 3, width
     return layers
 
 
-def trainable_modules(model):
-    """Modules that own trainable parameters directly (re-initialised from the run seed)."""
-    return [
-        m for m in model.modules()
-        if any(p.requires_grad for p in m.parameters(recurse=False)) and hasattr(m, "reset_parameters")
-    ]
+def reinitialize(model, prefixes: list[str], where: str) -> None:
+    """``reset_parameters()`` of every module named by, or inside, one of ``prefixes``.
+
+    Run right after the model is built, with torch's RNG seeded from the run seed, so a
+    re-initialisation is as repeatable as the construction itself.
+    """
+    modules = dict(model.named_modules())
+    for prefix in prefixes:
+        chosen = [(n, m) for n, m in modules.items() if n == prefix or n.startswith(prefix + ".")]
+        if not chosen:
+            raise ReproError(f"{where}: reinitialize names '{prefix}', which is no module of the model (top-level modules: {', '.join(n for n, _ in model.named_children())})")
+        for name, module in chosen:
+            owns_parameters = any(True for _ in module.parameters(recurse=False))
+            if owns_parameters and not hasattr(module, "reset_parameters"):
+                raise ReproError(f"{where}: reinitialize: module '{name}' ({type(module).__name__}) has parameters but no reset_parameters()")
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
 
 
-def size_step(model) -> tuple[int, int, int]:
-    """Input sizes valid for a UNet with these pooling factors grow in steps of their product."""
-    step = [1, 1, 1]
-    for module in model.modules():
-        factor = getattr(module, "downsample_factor", None)
-        if factor is not None:
-            step = [s * int(f) for s, f in zip(step, factor)]
-    return tuple(step)
+def _meta_forward(model, shape):
+    import torch
+    from torch.func import functional_call
+
+    # Meta copies of the weights: shapes only, no memory, no arithmetic, the real
+    # parameters and buffers (BatchNorm statistics) untouched.
+    meta = {n: torch.empty_like(t, device="meta") for n, t in (*model.named_parameters(), *model.named_buffers())}
+    return functional_call(model, meta, (torch.empty(1, 1, *shape, device="meta"),))
+
+
+def _fake_forward(model, shape):
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    # For models that make tensors on a fixed device in forward (meta cannot mix with them).
+    # In eval mode: in-place buffer updates (BatchNorm's counter) would reach the real buffers.
+    with FakeTensorMode(allow_non_fake_inputs=True), _evaluating(model):
+        return model(torch.empty(1, 1, *shape, device=_device(model)))
+
+
+def _real_forward(model, shape):
+    import torch
+
+    # Last resort (a model whose forward needs real values, e.g. `.item()`): a real
+    # forward in eval mode, so that BatchNorm statistics and RNGs are left alone.
+    with _evaluating(model):
+        return model(torch.zeros(1, 1, *shape, device=_device(model)))
+
+
+@contextlib.contextmanager
+def _evaluating(model):
+    training = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, flag in training.items():
+            module.training = flag
+
+
+def _device(model):
+    return next((p.device for p in model.parameters()), "cpu")
+
+
+def model_output_shape(model, input_shape, forward=None) -> tuple[tuple[int, ...], object]:
+    """The model's output shape for one 1-channel sample, and the cheapest forward that works.
+
+    Tried in order: meta weights (milliseconds even for setup04), fake tensors, then a
+    real forward; ``forward`` pins one of them (probes reuse the one that worked).
+    """
+    import torch
+
+    error = None
+    for attempt in [forward] if forward else (_meta_forward, _fake_forward, _real_forward):
+        try:
+            with torch.no_grad():
+                out = attempt(model, tuple(int(s) for s in input_shape))
+        except Exception as exc:  # any failure: try the next, more literal way
+            error = exc
+            continue
+        if not isinstance(out, torch.Tensor):
+            raise ReproError(f"the model returns {type(out).__name__}, not one tensor")
+        return tuple(out.shape), attempt
+    raise error
+
+
+def check_shapes(model, input_shape, expected, where: str):
+    """One line naming both shapes when the model does not map input to (classes, *target)."""
+    try:
+        shape, forward = model_output_shape(model, input_shape)
+    except ReproError as exc:
+        raise ReproError(f"{where}: {exc}") from None
+    except Exception as exc:
+        message = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise ReproError(f"{where}: the model fails on an input of input_array_info.shape {tuple(input_shape)}: {type(exc).__name__}: {message}") from None
+    if shape[1:] != tuple(expected):
+        raise ReproError(
+            f"{where}: the model maps input_array_info.shape {tuple(input_shape)} to {shape[1:]}, "
+            f"but (len(classes), *target_array_info.shape) = {tuple(expected)}"
+        )
+    return forward
+
+
+def derive_input_step(model, input_shape, target_shape, ratio, forward, where: str, largest: int = 128) -> tuple[int, ...]:
+    """Per axis the smallest d > 0 by which the input may grow: the output grows by exactly d * ratio."""
+    steps = []
+    for axis in range(len(input_shape)):
+        for d in range(1, largest + 1):
+            grown = list(input_shape)
+            grown[axis] += d
+            try:
+                shape = model_output_shape(model, grown, forward)[0][2:]
+            except Exception:
+                continue  # not a valid input size
+            wanted = list(target_shape)
+            wanted[axis] += d * ratio[axis]
+            if list(shape) == wanted:
+                steps.append(d)
+                break
+        else:
+            raise ReproError(f"{where}: no input size up to {largest} voxels larger along axis {axis} is valid for the model; declare input_step")
+    return tuple(steps)
 
 
 def output_size_for(input_shape, output_shape, step, needed) -> tuple[tuple[int, ...], tuple[int, ...]]:

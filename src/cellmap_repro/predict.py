@@ -150,21 +150,22 @@ def predict(
     from cellmap_repro import determinism
     from cellmap_repro.datasplit import read_datasplit
     from cellmap_repro.experiment import load_experiment
-    from cellmap_repro.model import output_size_for, size_step
+    from cellmap_repro.model import output_size_for
 
     data = settings.data_root(data_root)
     # Resolved before the model config is loaded: loading builds the model, which may download weights.
     process_only = load_experiment(experiment_name, experiments_root, parts=("process_config",))
     ckpt_path = checkpoint.resolve(process_only.checkpoints_dir, which_checkpoint or process_only.process.checkpoint)
-    experiment = load_experiment(experiment_name, experiments_root, parts=("train_config",))
-    config = experiment.train
     state = checkpoint.load(ckpt_path)
+    # Built as training built it: seeded with the run's seed before model.py runs.
+    experiment = load_experiment(experiment_name, experiments_root, parts=("train_config",), seed=state["seed"])
+    config = experiment.train
     model = config.model
-    checkpoint.load_into(model, state, ckpt_path)
+    checkpoint.load_into(model, state, ckpt_path, checkpoint.identity(model, config.classes))
     device = determinism.device()
     model.to(device).eval()
     ckpt_digest = checkpoint.recorded_digest(ckpt_path)
-    determinism.configure(config.random_seed, torch.get_num_threads(), config.deterministic, config.allow_tf32)
+    determinism.configure(state["seed"], torch.get_num_threads(), config.deterministic, config.allow_tf32)
 
     in_scale, out_scale = config.input_array_info.scale, config.target_array_info.scale
     if any(abs(a - b) > 1e-6 for a, b in zip(in_scale, out_scale)):
@@ -175,7 +176,7 @@ def predict(
         targets = targets_from_datasplit(read_datasplit(experiment.datasplit_path), crops)
 
     out_root = settings.predictions_root(data, experiment_name)
-    step = size_step(model)
+    step = experiment.input_step()
     context = np.array(config.input_array_info.shape) - np.array(config.target_array_info.shape)
     for target in targets:
         where = f"raw of {target.dataset} crop {target.crop_id}"

@@ -37,6 +37,7 @@ FACTOR_PREFIXES = (
     "seed",
     "settings",
     "config_sha256",
+    "config_files",
     "datasplit_sha256",
     "data_sha256",
     "pretrained_weights",
@@ -46,16 +47,15 @@ FACTOR_PREFIXES = (
     "device",
     "git.commit",
 )
-CONFIG_SUFFIXES = (".py", ".csv", ".md")
 
 
 def copy_experiment(source: Path, scratch_root: Path) -> Path:
-    """Copy an experiment's configuration (not its checkpoints or logs) under ``scratch_root``."""
+    """Copy an experiment's configuration (the files of its config hash) under ``scratch_root``."""
     target = scratch_root / source.name
     target.mkdir(parents=True)
-    for path in source.iterdir():
-        if path.is_file() and path.suffix in CONFIG_SUFFIXES:
-            shutil.copy2(path, target / path.name)
+    for name in manifest.config_files(source):
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source / name, target / name)
     return target
 
 

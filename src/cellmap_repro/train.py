@@ -60,9 +60,7 @@ class Settings:
     allow_tf32: bool = True
 
     @classmethod
-    def resolve(cls, config, overrides: Overrides, threads: int) -> "Settings":
-        env_seed = os.environ.get("SEED")
-        seed = overrides.seed if overrides.seed is not None else int(env_seed) if env_seed else config.random_seed
+    def resolve(cls, config, overrides: Overrides, threads: int, seed: int) -> "Settings":
         pick = lambda name: getattr(overrides, name) if getattr(overrides, name) is not None else getattr(config, name)  # noqa: E731
         iterations = pick("iterations_per_epoch")
         return cls(
@@ -101,13 +99,17 @@ def masked_loss(criterion, logits, target):
 
     known = ~torch.isnan(target)
     per_voxel = criterion(logits, torch.nan_to_num(target, nan=0.0))
+    if per_voxel.shape != logits.shape:
+        raise ReproError(f"the criterion returned shape {tuple(per_voxel.shape)} for logits of shape {tuple(logits.shape)}: it must honour reduction='none' (per-voxel losses) for masking")
     return (per_voxel * known).sum() / known.sum().clamp(min=1)
 
 
 def make_criterion(config, class_weights: dict[str, float]):
     import torch
 
-    kwargs = dict(config.criterion_kwargs)
+    # Per-voxel values always (checked at load: no other reduction is accepted), so that
+    # masked_loss can leave the unknown voxels out.
+    kwargs = {**config.criterion_kwargs, "reduction": "none"}
     if config.weight_loss:
         weights = torch.tensor([class_weights.get(c, 1.0) for c in config.classes], dtype=torch.float32)
         kwargs["pos_weight"] = weights.view(-1, 1, 1, 1)
@@ -146,8 +148,7 @@ def train(
     from tqdm import tqdm
 
     from cellmap_repro import data as data_module
-    from cellmap_repro.experiment import experiment_checkpoints_dir, load_experiment
-    from cellmap_repro.model import trainable_modules
+    from cellmap_repro.experiment import experiment_checkpoints_dir, experiment_dir, load_experiment, run_seed
     from cellmap_repro.runlog import RunLog
 
     overrides = overrides or Overrides()
@@ -156,9 +157,10 @@ def train(
     # Checked before the config is loaded: loading builds the model, which may download weights.
     checkpoints_dir = experiment_checkpoints_dir(experiment_name, experiments_root)
     _refuse_bad_start(checkpoints_dir, resume, overwrite)
-    experiment = load_experiment(experiment_name, experiments_root, parts=("train_config",))
+    seed = run_seed(experiment_dir(experiment_name, experiments_root), overrides.seed)
+    experiment = load_experiment(experiment_name, experiments_root, parts=("train_config",), seed=seed)
     config = experiment.train
-    run = Settings.resolve(config, overrides, explicit_threads or config.num_threads or determinism.available_cores())
+    run = Settings.resolve(config, overrides, explicit_threads or config.num_threads or determinism.available_cores(), seed)
     device = determinism.device()
     if run.augment_device == "cuda" and device.type != "cuda":
         raise ReproError("--augment-device cuda needs a GPU, and this run trains on the CPU")
@@ -167,8 +169,7 @@ def train(
 
     determinism.configure(run.seed, run.threads, config.deterministic, run.allow_tf32)
     model = config.model
-    for module in trainable_modules(model):
-        module.reset_parameters()
+    identity = checkpoint.identity(model, config.classes)  # once: the frozen weights never change
     # In place: the optimizer built by the config keeps pointing at these parameters.
     model.to(device)
     optimizer = config.optimizer
@@ -185,8 +186,10 @@ def train(
     if resume:
         recorded = manifest.read(manifest_path)
         if recorded.get("config_sha256") != run_manifest["config_sha256"]:
+            changed = manifest.changed_files(recorded.get("config_files", {}), run_manifest["config_files"])
+            what = f"{', '.join(changed)} changed" if changed else "the overrides or seed changed"
             raise ReproError(
-                f"the experiment's config or the overrides changed since {checkpoints_dir} was written; "
+                f"the experiment changed since {checkpoints_dir} was written ({what}); "
                 "resume with the same settings, or --overwrite to start again"
             )
         run_manifest["checkpoints"] = recorded.get("checkpoints", {})
@@ -194,7 +197,7 @@ def train(
         # A run killed before its first checkpoint resumes from the start.
         if latest.exists():
             state = checkpoint.load(latest)
-            checkpoint.load_into(model, state, latest)
+            checkpoint.load_into(model, state, latest, identity)
             optimizer.load_state_dict(state["optimizer"])
             if scheduler is not None and state.get("scheduler") is not None:
                 scheduler.load_state_dict(state["scheduler"])
@@ -213,7 +216,8 @@ def train(
 
     def state_dict(epoch_done: bool) -> dict:
         return {
-            "model": checkpoint.trainable_state(model),
+            **identity,
+            "model": checkpoint.model_state(model),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "rng": determinism.rng_states(),
@@ -332,6 +336,7 @@ def _start_manifest(experiment, training_data, run: Settings, overrides: dict, c
         "overrides": overrides,
         # the worker count changes no byte of the run, so it may differ on resume
         "config_sha256": manifest.config_hash(experiment.directory, {"overrides": {k: v for k, v in overrides.items() if k != "num_workers"}, "seed": run.seed}),
+        "config_files": manifest.config_files(experiment.directory),
         "datasplit_sha256": sha256_file(experiment.datasplit_path),
         "data_sha256": manifest.data_hashes(training_data.rows, raw_levels),
         "pretrained_weights": {

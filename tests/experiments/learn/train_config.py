@@ -2,7 +2,7 @@ import torch
 
 from .model import model
 
-learning_rate = 3e-3
+learning_rate = 1e-2
 batch_size = 4
 epochs = 1
 iterations_per_epoch = 150

@@ -1,0 +1,2 @@
+threshold = 0.0
+checkpoint = "latest"

@@ -1,0 +1,1 @@
+"""finetune: pretrained layers (one frozen, one trainable) plus a new head."""
