@@ -71,3 +71,13 @@ def test_interrupted_prediction_resumes_tile_by_tile(fast_experiment, tiny_datas
     tiles = 2 * 2 * 2  # 48 voxels per axis in tiles of the smallest output, 32
     assert len(calls) == tiles - 4, "only the tiles not finished before the interruption are predicted"
     assert np.array_equal(zarr.open_array(str(crop / "mito" / "s0"), mode="r")[:], expected)
+
+
+def test_batched_tiles_predict_what_single_tiles_do(fast_experiment, tmp_path):
+    train.train("fast", overrides=train.Overrides(epochs=1, iterations_per_epoch=1, batch_size=1, validation_batches=0), progress=False)
+    single = predict.predict("fast", data_root=tmp_path / "one", progress=False, batch_size=1)
+    batched = predict.predict("fast", data_root=tmp_path / "three", progress=False, batch_size=3)
+    for name in ("ecs", "mito", "nuc"):
+        one = zarr.open_array(str(single / "jrc_tiny-1.zarr" / "crop3" / name / "s0"), mode="r")[:]
+        three = zarr.open_array(str(batched / "jrc_tiny-1.zarr" / "crop3" / name / "s0"), mode="r")[:]
+        assert one.shape == (48, 48, 48) and np.allclose(one, three, atol=1e-5)
