@@ -1,13 +1,18 @@
-"""evaluate on hand-made processed outputs in the documented layout."""
+"""evaluate on hand-made processed outputs in the documented layout, and on submissions against a truth zarr."""
 
+import hashlib
 import json
+import os
+import posixpath
 import shutil
+import zipfile
 
 import numpy as np
 import pytest
 import zarr
 
-from cellmap_repro.evaluate import evaluate_experiment, update_readme
+from cellmap_repro.errors import ReproError
+from cellmap_repro.evaluate import evaluate_experiment, evaluate_submission, update_readme
 from cellmap_repro.storage import ScaleLevel, multiscale_attrs, read_levels
 
 
@@ -107,8 +112,6 @@ def test_legacy_scoring_and_readme_table(evaluated, tiny_dataset, tmp_path):
 
 
 def test_uncovered_crop_is_reported_and_an_empty_array_refused(evaluated, tiny_dataset):
-    from cellmap_repro.errors import ReproError
-
     experiment, data_root = evaluated
     processed = data_root / "processed" / "fast"
     # ecs cut to its first half along z: scored (the rest as background) with a warning
@@ -142,12 +145,6 @@ def test_legacy_json_has_no_infinities(evaluated, tiny_dataset):
 
 # ---------------------------------------------------------------- submissions against a truth zarr
 
-import hashlib
-import os
-import zipfile
-
-from cellmap_repro.evaluate import evaluate_submission
-from cellmap_repro.errors import ReproError
 
 TRUTH_CLASSES = ["ecs", "mito", "nuc"]
 
@@ -189,9 +186,6 @@ def zip_folder(folder, zip_path, inside=""):
             if file.is_file():
                 archive.write(file, posixpath.join(inside, file.relative_to(folder).as_posix()))
     return zip_path
-
-
-import posixpath
 
 
 def test_perfect_submission_zip_scores_one_and_is_read_in_place(truth_zarr, tiny_dataset, tmp_path):
@@ -311,3 +305,45 @@ def test_cli_scores_a_submission_and_checks_its_flags(truth_zarr, tiny_dataset, 
     assert main(["evaluate", "--submission", str(sub)]) == 2
     assert main(["evaluate", "--submission", str(sub), "--truth", str(truth_zarr), "--leaderboard", "--scoring", "legacy"]) == 2
     assert "cannot be combined with --scoring legacy" in capsys.readouterr().err
+
+
+def test_the_datasplit_named_in_data_py_is_the_one_read(evaluated, tiny_dataset):
+    experiment, data_root = evaluated
+    (experiment / "datasplit.csv").rename(experiment / "validation_split.csv")
+    with open(experiment / "data.py", "a") as handle:
+        handle.write('\ndatasplit_path = "validation_split.csv"\n')
+    write_processed(data_root / "processed" / "fast", tiny_dataset, 3, ["ecs"])
+    result = evaluate_experiment(experiment, data_root, progress=False)
+    assert result["crops"] == [3] and result["classes"]["ecs"]["iou"] == 1.0
+
+
+def test_experiment_leaderboard_mode_agrees_on_a_pyramid_level(evaluated, tiny_dataset):
+    """An 8 nm pyramid level (translation = 4 nm translation + 2 nm) onto its own 4 nm grid:
+    the toolbox upsamples without smoothing, and 800 nm snaps to 800, 2 nm from 798, so no
+    shift: its voxels are the exact geometry's. Written apart, with the commit it follows."""
+    experiment, data_root = evaluated
+    source = tiny_dataset / "recon-1/labels/groundtruth/crop3"
+    target = data_root / "processed" / "fast" / "jrc_tiny-1.zarr" / "crop3"
+    for name in ["ecs", "mito"]:
+        levels = read_levels(source / name)
+        group = zarr.open_group(str(target / name), mode="a")
+        group.attrs.update(multiscale_attrs([ScaleLevel("s0", levels[1].scale, levels[1].translation)], name=name))
+        group.create_dataset("s0", data=zarr.open_array(str(source / name / "s1"), mode="r")[:], overwrite=True)
+    exact = evaluate_experiment(experiment, data_root, progress=False)
+    board = evaluate_experiment(experiment, data_root, progress=False, leaderboard=True)
+    assert board["classes"]["ecs"]["iou"] == exact["classes"]["ecs"]["iou"] < 1.0
+    assert board["classes"]["mito"]["tp"] == exact["classes"]["mito"]["tp"]
+    saved = json.loads((experiment / "logs" / "evaluation-leaderboard" / "scores.json").read_text())
+    assert saved["mode"] == "leaderboard" and saved["toolbox"]["commit"] == "6b9ad68"
+    assert json.loads((experiment / "logs" / "evaluation" / "scores.json").read_text())["mode"] == "exact"
+
+
+def test_leaderboard_without_ortools_falls_back_with_one_warning(truth_zarr, tiny_dataset, tmp_path, monkeypatch):
+    from cellmap_repro import metrics
+
+    monkeypatch.setattr(metrics, "ortools_version", lambda: None)
+    sub = write_submission(tmp_path / "sub.zarr", {n: crop_truth(tiny_dataset, n) for n in TRUTH_CLASSES})
+    result = evaluate_submission(sub, truth_zarr, leaderboard=True, progress=False)
+    notes = [w for w in result["warnings"] if "OR-Tools is not installed" in w]
+    assert len(notes) == 1 and "pip install --no-deps ortools==9.15.6755" in notes[0]
+    assert result["matching"].startswith("scipy") and result["overall_score"] == pytest.approx(1.0)

@@ -13,7 +13,6 @@ import io
 import json
 import shutil
 import subprocess
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -84,28 +83,32 @@ class Browser:
         self.process.wait(timeout=10)
 
 
-async def capture_then_clear(url: str, wanted: list[str], clear, profile: Path, timeout: float = 20.0):
-    """Screenshots once every wanted layer name shows and has drawn, then again after ``clear()``."""
+async def capture_then_clear(url: str, wanted: list[str], clear, drawn, profile: Path, timeout: float = 20.0):
+    """Screenshots once every wanted layer name shows and ``drawn(screenshot)`` holds (or the
+    time is up: data chunks arrive after the layer list), then again after ``clear()``."""
     browser = Browser(profile)
 
-    async def wait_for(condition, what):
+    async def wait_for_text(condition, what):
         deadline = time.monotonic() + timeout
         text = await browser.text()
         while not condition(text):
             assert time.monotonic() < deadline, f"{what}; page text: {text[:300]!r}"
             await asyncio.sleep(0.2)
             text = await browser.text()
-        # Chunks arrive from the Python server after the layer list; give them a moment.
-        await asyncio.sleep(1.5)
         return text
 
     try:
         await browser.connect()
         await browser.call("Page.navigate", url=url)
-        text = await wait_for(lambda t: all(name in t for name in wanted), "layers never appeared")
+        text = await wait_for_text(lambda t: all(name in t for name in wanted), "layers never appeared")
+        deadline = time.monotonic() + timeout
         shot = await browser.screenshot()
+        while not drawn(shot) and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+            shot = await browser.screenshot()
         clear()
-        await wait_for(lambda t: not any(name in t for name in wanted), "layers never went away")
+        await wait_for_text(lambda t: not any(name in t for name in wanted), "layers never went away")
+        await asyncio.sleep(0.5)
         return text, shot, await browser.screenshot()
     finally:
         browser.close()
@@ -128,14 +131,16 @@ def colourful(image: np.ndarray) -> float:
 def viewed(fast_experiment, tiny_dataset, tmp_path):
     data_root = tmp_path / "data"
     write_processed(data_root / "processed" / "fast", tiny_dataset, 3, ["mito", "ecs"])
+    # logits for mito only: +2 inside, -2 outside
+    write_processed(data_root / "predictions" / "fast", tiny_dataset, 3, ["mito"], transform=lambda name, a: np.where(a > 0, 2.0, -2.0).astype(np.float32))
     return fast_experiment, data_root
 
 
 def test_state_has_raw_truth_and_processed_layers_in_place(viewed, tiny_dataset):
     experiment, data_root = viewed
     state, notes = build_state("fast", 3, data_root, experiment.parent, classes=["mito", "ecs"])
-    assert list(state["layers"]) == ["raw", "truth mito", "truth ecs", "processed mito", "processed ecs"]
-    assert any("no prediction 'mito'" in n for n in notes)  # nothing predicted in this data root
+    assert list(state["layers"]) == ["raw", "truth mito", "truth ecs", "prediction mito", "processed mito", "processed ecs"]
+    assert [n for n in notes if n.startswith("no ")] == [n for n in notes if "no prediction 'ecs'" in n] and len(notes) == 1
     # the crop's 4 nm voxel 0 is centred at its translation; the view opens on the crop's centre
     levels = zarr.open_group(str(tiny_dataset / "recon-1/labels/groundtruth/crop3/mito"), mode="r").attrs["multiscales"][0]["datasets"][0]
     translation = np.array(levels["coordinateTransformations"][1]["translation"])
@@ -166,14 +171,19 @@ def test_headless_chromium_shows_the_layers(viewed, tmp_path):
             for name in [layer.name for layer in s.layers]:
                 del s.layers[name]
 
-    text, shot, empty = asyncio.run(capture_then_clear(url, ["raw", "truth mito", "processed mito"], clear, tmp_path / "profile"))
+    def drawn(image):
+        return panel_spread(image) > 10 and colourful(image) > 0.02
+
+    text, shot, empty = asyncio.run(capture_then_clear(url, ["raw", "truth mito", "prediction mito", "processed mito"], clear, drawn, tmp_path / "profile"))
     assert "truth ecs" in text and "processed ecs" in text
     from PIL import Image
 
     Image.fromarray(shot).save(tmp_path / "view.png")  # kept for a person to look at
     # An empty viewer's panel is flat grey; raw noise and segment colours make it vary.
+    print(f"spread {panel_spread(shot):.1f} vs {panel_spread(empty):.1f}; colourful {colourful(shot):.3f} vs {colourful(empty):.3f}")
     assert panel_spread(shot) > panel_spread(empty) + 10
-    assert colourful(shot) > colourful(empty) + 0.01
+    # mito (and its processed mask) and ecs are drawn in colour over the grey raw
+    assert colourful(shot) > colourful(empty) + 0.02
 
 
 def test_cli_prints_the_url_and_stops_at_the_timeout(viewed, capsys):
@@ -184,4 +194,4 @@ def test_cli_prints_the_url_and_stops_at_the_timeout(viewed, capsys):
     assert main(["view", "-e", "fast", "--crop", "3", "--classes", "mito", "--data", str(data_root), "--experiments-root", str(experiment.parent), "--timeout", "0.5"]) == 0
     assert time.monotonic() - start < 20
     out = capsys.readouterr().out
-    assert "neuroglancer: http://127.0.0.1:" in out and "note: no prediction 'mito'" in out
+    assert "neuroglancer: http://127.0.0.1:" in out and "note:" not in out  # mito has truth, prediction and mask

@@ -276,7 +276,7 @@ def _default_output(submission: Path, leaderboard: bool) -> Path:
 def evaluate_submission(submission: Path, truth: Path, output: Path | None = None, scoring: str = "current", leaderboard: bool = False, progress: bool = True) -> dict:
     from tqdm import tqdm
 
-    from cellmap_repro.submission import match_crops, open_submission, open_truth, pick_level, truth_grid
+    from cellmap_repro.submission import match_crops, open_submission, open_truth, truth_grid
 
     submission, truth = Path(submission).absolute(), Path(truth).absolute()
     if not submission.exists():
