@@ -1,7 +1,7 @@
 """Compare `evaluate --submission` (exact and --leaderboard) with the toolbox's own evaluator.
 
 Usage: PYTHONPATH=<toolbox>/src:<its extra deps> .venv/bin/python benchmarks/leaderboard_agreement.py
-       [--cases 20] [--seed 0]
+       [--cases 20] [--seed 0] [--ties]
 
 Not a test: it needs the challenge toolbox's source (commit 6b9ad68) and what its evaluator
 imports beyond this project's lock (scikit-image, fastremap, universal-pathlib, gitpython,
@@ -110,6 +110,38 @@ def write_case(rng, root: Path):
     return root / "truth.zarr", root / "submission.zip", rows
 
 
+def write_ties(rng, root: Path):
+    """A crop whose instance matching has exactly tied optima, so the solver decides.
+
+    A row of 2×2×4 truth boxes; predicted boxes of the same size straddle each pair of
+    neighbours, overlapping both by half (equal IoU), and one or two stray voxels add
+    components whose ids (kept when unmatched, as the toolbox keeps them) make the
+    Hausdorff scores depend on which tied matching is chosen.
+    """
+    import zarr
+
+    count, gap, extra = int(rng.integers(2, 5)), int(rng.integers(0, 2)), int(rng.integers(0, 2))
+    shape = (10, 10, count * (4 + gap) + 8)
+    truth = np.zeros(shape, np.uint32)
+    pred = np.zeros(shape, np.uint32)
+    for i in range(count):
+        x = 2 + i * (4 + gap)
+        truth[2:4, 2:4, x : x + 4] = i + 1
+    for j in range(count - 1 + extra):
+        x = 4 + j * (4 + gap)
+        pred[2:4, 2:4, x : x + 4] = 1 + j % 2  # alternate ids: touching boxes stay apart
+    for _ in range(int(rng.integers(1, 3))):
+        pred[rng.integers(0, shape[0]), rng.integers(5, shape[1]), rng.integers(0, shape[2])] = 3
+    attrs = {"voxel_size": [4.0] * 3, "translation": [2.0] * 3, "shape": list(shape)}
+    zarr.open_group(str(root / "truth.zarr"), mode="w").require_group("crop9101").create_dataset("mito", data=truth).attrs.update(attrs)
+    zarr.open_group(str(root / "made"), mode="w").require_group("crop9101").create_dataset("mito", data=pred).attrs.update(attrs)
+    with zipfile.ZipFile(root / "submission.zip", "w") as archive:
+        for file in sorted((root / "made").rglob("*")):
+            if file.is_file():
+                archive.write(file, file.relative_to(root / "made").as_posix())
+    return root / "truth.zarr", root / "submission.zip", [(9101, "mito", (4.0,) * 3, (2.0,) * 3, shape)]
+
+
 def toolbox_scores(truth: Path, submission: Path, rows, scratch: Path) -> dict:
     from cellmap_segmentation_challenge.evaluate import score_submission
     from cellmap_segmentation_challenge.utils.crops import TEST_CROPS_DICT, TestCropRow
@@ -139,6 +171,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ties", action="store_true", help="score the tied-matching crops instead of random cases")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     rng = np.random.default_rng(args.seed)
@@ -148,7 +181,7 @@ def main() -> None:
     for case in range(args.cases):
         with tempfile.TemporaryDirectory() as scratch:
             scratch = Path(scratch)
-            truth, submission, rows = write_case(rng, scratch)
+            truth, submission, rows = write_ties(rng, scratch) if args.ties else write_case(rng, scratch)
             start = time.perf_counter()
             reference = toolbox_scores(truth, submission, rows, scratch)
             seconds["toolbox"] += time.perf_counter() - start
