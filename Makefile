@@ -26,7 +26,7 @@ $(error RUNNER must be local or docker, not '$(RUNNER)')
 endif
 
 .DEFAULT_GOAL := help
-.PHONY: gpu-check image image-if-missing lint lock help install smoke tiny-crop download weights datasplit train predict process evaluate pack verify tensorboard unite-logs test
+.PHONY: gpu-check image image-if-missing lint lock help install smoke tiny-crop download weights datasplit train predict process evaluate pack view verify tensorboard unite-logs test
 
 help: ## list the targets
 	@echo "cellmap-repro (RUNNER=$(RUNNER), EXP=$(EXP)); pass extra flags with ARGS='...'"
@@ -70,6 +70,12 @@ evaluate: $(STAGE_DEPS) ## score EXP's processed predictions on its validation c
 
 pack: $(STAGE_DEPS) ## write a submission zip from EXP's processed test crops
 	$(call cli,process) pack -e $(EXP) $(ARGS)
+
+# Native only: the viewer binds 127.0.0.1, which a port published from a container would not reach.
+CROP ?=
+view: $(VENV)/.installed ## neuroglancer on 127.0.0.1 for EXP's crop CROP (raw, truth, predictions, masks); Ctrl-C stops
+	@test -n "$(CROP)" || { echo "make view: give the crop, e.g. make view EXP=$(EXP) CROP=234" >&2; exit 2; }
+	$(VENV)/bin/cellmap-repro view -e $(EXP) --crop $(CROP) $(ARGS)
 
 verify: $(STAGE_DEPS) ## check bit-for-bit reproducibility of EXP (repeat, kill+resume)
 	$(call cli,verify) verify -e $(EXP) $(ARGS)

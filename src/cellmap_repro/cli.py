@@ -27,6 +27,7 @@ STAGE_MODULES = (
     "process",
     "evaluate",
     "pack",
+    "view",
     "tensorboard",
     "repro",
     "smoke",
