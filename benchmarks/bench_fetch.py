@@ -10,7 +10,9 @@ a user would run it, copy exactly the same objects (the whole bucket) into an em
 * project: ``cellmap-repro fetch`` of every crop with ``--fetch-all-em-resolutions`` and a
   context covering each volume (planning, record and checks included);
 * s3fs: ``S3FileSystem(anon=True).get(bucket, recursive=True)``;
-* boto3, 8 threads: list the bucket, then ``get_object`` each key streamed to its file.
+* boto3, 8 threads: list the bucket, then ``get_object`` each key streamed to its file;
+* the project's fetch before issue 12 (``--old``, default 604a76f, exported from git), with
+  ``--raw-padding`` covering each volume.
 
 Runs are interleaved (method order rotates each round); medians of MB/s and objects/s,
 and the project's ratio to each baseline, are printed. Every run's copy is checked
@@ -71,7 +73,19 @@ def copied(out: Path) -> dict[str, int]:
     return {p.relative_to(out).as_posix(): p.stat().st_size for p in out.rglob("*") if p.is_file() and not p.name.startswith(".cellmap-repro-fetch")}
 
 
-def throughput(runs: int, copies: int, scratch: Path) -> None:
+def old_source(revision: str, scratch: Path) -> Path | None:
+    """The project's ``src`` at ``revision``, or None without git history."""
+    target = scratch / "old"
+    target.mkdir()
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", revision, "src"], capture_output=True)
+    if archive.returncode != 0:
+        print(f"  (no old fetch: git archive {revision} failed)")
+        return None
+    subprocess.run(["tar", "-x", "-C", str(target)], input=archive.stdout, check=True)
+    return target / "src"
+
+
+def throughput(runs: int, copies: int, scratch: Path, old_revision: str | None) -> None:
     from cellmap_repro import tiny_crop
     from s3server import LocalS3
 
@@ -96,6 +110,13 @@ def throughput(runs: int, copies: int, scratch: Path) -> None:
             "s3fs get(recursive=True)": lambda out: [sys.executable, "-c", S3FS, server.endpoint, BUCKET, str(out)],
             "boto3, 8 threads": lambda out: [sys.executable, "-c", BOTO3, server.endpoint, BUCKET, str(out)],
         }
+        old_src = old_source(old_revision, scratch) if old_revision else None
+        if old_src is not None:
+            old = [sys.executable, "-m", "cellmap_repro", "fetch", "--endpoint-url", server.endpoint, "--manifest", str(manifest), "--crops", project[project.index("--crops") + 1], "--fetch-all-em-resolutions", "--raw-padding", "256"]
+            methods[f"old fetch ({old_revision})"] = lambda out: old + ["--data", str(out)]
+        environments = {name: env for name in methods}
+        if old_src is not None:
+            environments[f"old fetch ({old_revision})"] = {**os.environ, "PYTHONPATH": str(old_src)}
         print(f"throughput: {len(listing)} objects, {total_bytes / 1e6:.1f} MB; moto server in its own process; {runs} interleaved runs")
         seconds: dict[str, list[float]] = {name: [] for name in methods}
         names = list(methods)
@@ -105,7 +126,7 @@ def throughput(runs: int, copies: int, scratch: Path) -> None:
                 shutil.rmtree(out, ignore_errors=True)
                 out.mkdir()
                 started = time.perf_counter()
-                result = subprocess.run(methods[name](out), env=env, capture_output=True, text=True, cwd=scratch)
+                result = subprocess.run(methods[name](out), env=environments[name], capture_output=True, text=True, cwd=scratch)
                 elapsed = time.perf_counter() - started
                 if result.returncode != 0:
                     raise SystemExit(f"{name} failed:\n{result.stderr[-2000:]}")
@@ -157,10 +178,10 @@ def record(entries: int, scratch: Path, files: int) -> None:
     started = time.perf_counter()
     fold(root)
     folded = time.perf_counter() - started
-    print(f"  old save (whole JSON + fsync):     {old_save * 1e3:9.1f} ms per save (up to once a second, workers waiting)")
-    print(f"  new save (one journal line):        {new_add * 1e6:9.1f} us per object ({old_save / new_add:,.0f}x less than one old save)")
-    print(f"  load snapshot + journal:            {load * 1e3:9.1f} ms once per run")
-    print(f"  fold journal into snapshot:         {folded * 1e3:9.1f} ms once per run (at start/end, when no other fetch runs)")
+    print(f"  old save (whole record as JSON + fsync): {old_save * 1e3:9.1f} ms per save (up to once a second, workers waiting)")
+    print(f"  new save (one journal line per object):  {new_add * 1e6:9.1f} us per object, whatever the record's size")
+    print(f"  load snapshot + journal:                 {load * 1e3:9.1f} ms once per run")
+    print(f"  fold journal into snapshot:              {folded * 1e3:9.1f} ms once per run (at start/end, when no other fetch runs)")
 
     data = root / "files"
     data.mkdir()
@@ -178,8 +199,8 @@ def record(entries: int, scratch: Path, files: int) -> None:
     started = time.perf_counter()
     assert all(local_state(entry, data / name) == "ok" for name, entry in entries_on_disk.items())
     new_check = (time.perf_counter() - started) / files
-    print(f"  rerun check, old (MD5 of the file): {old_check * 1e6:9.1f} us per 200 kB object (page cache warm; reads the data)")
-    print(f"  rerun check, new (size + mtime):    {new_check * 1e6:9.1f} us per object ({old_check / new_check:,.0f}x less); at 200 k objects: {old_check * 2e5:.0f} s vs {new_check * 2e5:.1f} s")
+    print(f"  rerun check, old (MD5 of the file):      {old_check * 1e6:9.1f} us per 200 kB object (page cache warm; reads the data)")
+    print(f"  rerun check, new (size + mtime):         {new_check * 1e6:9.1f} us per object ({old_check / new_check:,.0f}x less); at 200 k objects: {old_check * 2e5:.0f} s vs {new_check * 2e5:.1f} s")
 
 
 def main() -> None:
@@ -189,10 +210,11 @@ def main() -> None:
     parser.add_argument("--entries", type=int, default=200_000)
     parser.add_argument("--files", type=int, default=500, help="files for the rerun check")
     parser.add_argument("--only", choices=["throughput", "record"], default=None)
+    parser.add_argument("--old", default="604a76f", help="git revision of the old fetch to compare ('' to skip)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-fetch-") as scratch:
         if args.only in (None, "throughput"):
-            throughput(args.runs, args.copies, Path(scratch))
+            throughput(args.runs, args.copies, Path(scratch), args.old or None)
         if args.only in (None, "record"):
             record(args.entries, Path(scratch), args.files)
 

@@ -56,7 +56,11 @@ class LocalS3:
             self.server.stop()
         if self.process is not None:
             self.process.terminate()
-            self.process.wait(timeout=10)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
 
     def client(self):
         import boto3

@@ -218,6 +218,19 @@ def test_a_rerun_over_a_complete_copy_reads_no_data(s3, tmp_path, monkeypatch):
     assert again["transferred"] == 0 and again["complete"] == first["objects"] and hashed == []
 
 
+def test_a_record_written_before_issue_12_is_read_without_refetching(s3, tmp_path):
+    from cellmap_repro.fetch_record import RECORD_NAME, load_entries
+
+    data = tmp_path / "data"
+    first = fetch_here(s3, data, "3", raw_context_nm=0)
+    # the old record: one flat JSON object, ETags with their quotes, no mtimes
+    old = {key: {"size": e["size"], "md5": e["md5"], "etag": f'"{e["etag"]}"'} for key, e in load_entries(data).items()}
+    (data / RECORD_NAME).write_text(json.dumps(old, indent=2))
+    again = fetch_here(s3, data, "3", raw_context_nm=0)
+    assert again["transferred"] == 0 and again["changed"] == [] and again["complete"] == first["objects"]
+    assert all("mtime_ns" in entry for entry in load_entries(data).values()), "hashed once, then known by mtime"
+
+
 def test_dry_run_reports_the_bytes_and_writes_nothing(s3, tmp_path):
     data = tmp_path / "data"
     result = fetch_cli(s3, data, "--crops", "1,3", "--raw-context-nm", "100", "--dry-run")

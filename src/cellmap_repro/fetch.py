@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import ast
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -201,7 +202,7 @@ def select_crops(crops: list[Crop], which: str, datasets: list[str] | None, test
 def _read_source(source: str, endpoint: str | None, what: str, flag: str) -> str:
     if source.startswith("s3://"):
         bucket, key = _split_url(source, None)
-        return Remote(bucket, endpoint).get_bytes(key).decode()
+        return remote_for(bucket, endpoint).get_bytes(key).decode()
     if source.startswith(("http://", "https://")):
         import urllib.error
         import urllib.request
@@ -272,7 +273,7 @@ class Remote:
 
     _PLACEHOLDER = "cellmap-repro-object-key"
 
-    def __init__(self, bucket: str, endpoint: str | None, workers: int = 8):
+    def __init__(self, bucket: str, endpoint: str | None, workers: int = DEFAULT_WORKERS):
         import botocore.session
         from botocore import UNSIGNED
         from botocore.config import Config
@@ -353,12 +354,11 @@ class Remote:
             raise ObjectMissing(f"object missing: {self.url(key)}")
         return found[0]
 
-    def list(self, prefix: str, delimiter: str | None = None) -> dict[str, tuple[int, str | None]]:
+    def list(self, prefix: str) -> dict[str, tuple[int, str | None]]:
         """Key -> (size, ETag) of every object under ``prefix`` (one request per 1000)."""
         found = {}
-        arguments = {"Bucket": self.bucket, "Prefix": prefix, **({"Delimiter": delimiter} if delimiter else {})}
         try:
-            for page in self.client.get_paginator("list_objects_v2").paginate(**arguments):
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
                 for item in page.get("Contents", []):
                     found[item["Key"]] = (int(item["Size"]), _etag(item.get("ETag")))
         except Exception as exc:
@@ -399,6 +399,12 @@ class Remote:
         if size != expected:
             raise _StreamBroken(f"truncated: {size} of {expected} bytes")
         return size, digest.hexdigest(), _etag(response.headers.get("ETag"))
+
+
+@functools.lru_cache(maxsize=4)
+def remote_for(bucket: str, endpoint: str | None, workers: int = DEFAULT_WORKERS) -> "Remote":
+    """One client per bucket and endpoint: creating one costs a few tenths of a second."""
+    return Remote(bucket, endpoint, workers)
 
 
 # --- planning -----------------------------------------------------------------------------
@@ -520,52 +526,13 @@ class Planner:
         raise ReproError(f"crop {crop.crop_id}: no labelled class with multiscale metadata under {self.remote.url(crop.crop_key)}")
 
     def plan(self, crops: list[Crop], classes: list[str] | None, progress: bool) -> Plan:
-        from tqdm import tqdm
-
         plan = Plan(crops=[])
-        with ThreadPoolExecutor(self.workers) as pool:
-            em_jobs = {key: pool.submit(self.em_levels, key) for key in sorted({c.em_key for c in crops})}
-            label_jobs = {c.crop_id: pool.submit(self.crop_labels, c) for c in crops if not c.is_test}
-            groups = sorted({g for c in crops for key in (c.em_key, c.crop_key) if key for g in _groups_above(key)} | set(em_jobs))
-            metadata = [pool.submit(self._optional, f"{g}/{name}") for g in groups for name in (".zgroup", ".zattrs")]
-            em = {}
-            for key, job in em_jobs.items():
-                try:
-                    em[key] = job.result()
-                    metadata += [pool.submit(self._optional, f"{level.key}/.zattrs") for level in em[key]]
-                except ObjectMissing as error:
-                    em[key] = error
-            wanted: dict[EmLevel, set[tuple[int, int, int]]] = defaultdict(set)
-            for crop in tqdm(crops, desc="planning", unit="crop", disable=not progress or len(crops) < 2):
-                try:
-                    if isinstance(em[crop.em_key], ReproError):
-                        raise em[crop.em_key]
-                    box = crop.test_box
-                    if not crop.is_test:
-                        labels, box = label_jobs[crop.crop_id].result()
-                        if classes and not any(f"{crop.crop_key}/{name}/.zattrs" in labels for name in classes):
-                            continue
-                        plan.objects.update(labels)
-                    elif classes and not set(classes) & set(crop.test_classes):
-                        continue
-                    self._wanted_chunks(box, em[crop.em_key], wanted)
-                    plan.crops.append(crop)
-                except ObjectMissing as error:
-                    plan.failed[crop.crop_id] = str(error)
-            for job in metadata:
-                job.result()
-            listings = {level: [pool.submit(self.remote.list, prefix) for prefix in _list_prefixes(level, chunks)] for level, chunks in wanted.items()}
-            for level, jobs in listings.items():
-                listed = {}
-                for job in jobs:
-                    listed.update(job.result())
-                plan.raw_levels[level.key] = f"{level.path} ({'x'.join(f'{s:g}' for s in level.scale)} nm)"
-                for index in sorted(wanted[level]):
-                    key = f"{level.key}/{level.separator.join(map(str, index))}"
-                    if key in listed:
-                        plan.objects[key] = listed[key]
-                    else:
-                        plan.absent.add(key)
+        pool = ThreadPoolExecutor(self.workers)
+        try:
+            wanted = self._plan_crops(pool, crops, classes, progress, plan)
+            self._plan_raw(pool, wanted, plan)
+        finally:  # on a failure (lost server, Ctrl-C) the queued requests are dropped
+            pool.shutdown(wait=True, cancel_futures=True)
         # Metadata read while planning is written from memory; labels only for crops kept.
         crop_prefixes = tuple(c.crop_key + "/" for c in crops if c.crop_key)
         plan.inline = {key: found for key, found in self.inline.items() if key in plan.objects or not key.startswith(crop_prefixes)}
@@ -574,6 +541,57 @@ class Planner:
         if classes and not plan.crops and not plan.failed:
             raise ReproError(f"no selected crop annotates any of: {', '.join(classes)}")
         return plan
+
+    def _plan_crops(self, pool, crops: list[Crop], classes, progress: bool, plan: Plan) -> dict:
+        """Labels and metadata of every crop; returns the raw chunks each EM level must give."""
+        from tqdm import tqdm
+
+        em_jobs = {key: pool.submit(self.em_levels, key) for key in sorted({c.em_key for c in crops})}
+        label_jobs = {c.crop_id: pool.submit(self.crop_labels, c) for c in crops if not c.is_test}
+        groups = sorted({g for c in crops for key in (c.em_key, c.crop_key) if key for g in _groups_above(key)} | set(em_jobs))
+        metadata = [pool.submit(self._optional, f"{g}/{name}") for g in groups for name in (".zgroup", ".zattrs")]
+        em = {}
+        for key, job in em_jobs.items():
+            try:
+                em[key] = job.result()
+                metadata += [pool.submit(self._optional, f"{level.key}/.zattrs") for level in em[key]]
+            except ObjectMissing as error:
+                em[key] = error
+        wanted: dict[EmLevel, set[tuple[int, int, int]]] = defaultdict(set)
+        for crop in tqdm(crops, desc="planning", unit="crop", disable=not progress or len(crops) < 2):
+            try:
+                if isinstance(em[crop.em_key], ReproError):
+                    raise em[crop.em_key]
+                box = crop.test_box
+                if not crop.is_test:
+                    labels, box = label_jobs[crop.crop_id].result()
+                    if classes and not any(f"{crop.crop_key}/{name}/.zattrs" in labels for name in classes):
+                        continue
+                    plan.objects.update(labels)
+                elif classes and not set(classes) & set(crop.test_classes):
+                    continue
+                self._wanted_chunks(box, em[crop.em_key], wanted)
+                plan.crops.append(crop)
+            except ObjectMissing as error:
+                plan.failed[crop.crop_id] = str(error)
+        for job in metadata:
+            job.result()
+        return wanted
+
+    def _plan_raw(self, pool, wanted: dict, plan: Plan) -> None:
+        """Size and ETag of every wanted raw chunk, or absent: LISTs, no request per chunk."""
+        listings = {level: [pool.submit(self.remote.list, prefix) for prefix in _list_prefixes(level, chunks)] for level, chunks in wanted.items()}
+        for level, jobs in listings.items():
+            listed = {}
+            for job in jobs:
+                listed.update(job.result())
+            plan.raw_levels[level.key] = f"{level.path} ({'x'.join(f'{s:g}' for s in level.scale)} nm)"
+            for index in sorted(wanted[level]):
+                key = f"{level.key}/{level.separator.join(map(str, index))}"
+                if key in listed:
+                    plan.objects[key] = listed[key]
+                else:
+                    plan.absent.add(key)
 
     def _wanted_chunks(self, box, levels: list[EmLevel], wanted: dict) -> None:
         low, high = np.array(box[0]) - self.context_nm, np.array(box[1]) + self.context_nm
@@ -614,7 +632,7 @@ def decide(plan: Plan, entries: dict[str, dict], data_root: Path, refresh: bool)
             state = "ok" if md5_file(local) == entry.get("md5") else "differs"
             if state == "ok":
                 updates[key] = {**entry, "mtime_ns": local.stat().st_mtime_ns}
-        recorded = entry and (entry.get("etag") or entry.get("md5"))
+        recorded = entry and (_etag(entry.get("etag")) or entry.get("md5"))  # records before issue 12 kept the quotes
         if state == "ok" and not entry.get("absent") and etag and recorded and recorded != etag:
             if not refresh:
                 decision.changed.append(key)
@@ -644,6 +662,7 @@ class Transfer:
         self.record = record
         self.workers = max(1, workers)
         self.stop = threading.Event()
+        self.done = 0
 
     def one(self, key: str) -> int:
         if self.stop.is_set():
@@ -692,6 +711,7 @@ class Transfer:
                 for job in finished:
                     error = job.exception()
                     if error is None:
+                        self.done += 1
                         done_bytes += job.result()
                         bar.update(job.result())
                     elif not isinstance(error, _Stopped) and failure is None:
@@ -747,7 +767,7 @@ def fetch(
 
     selected = select_crops(manifest_crops, crops, datasets, test_crops)
     context, scales, how = describe_context(experiment_windows(settings.experiments_root(experiments_root)), raw_context_nm)
-    remote = Remote(bucket_name, endpoint, workers)
+    remote = remote_for(bucket_name, endpoint, max(1, workers))
     plan = Planner(remote, context, scales, all_em_levels, max(1, workers)).plan(selected, classes, progress)
     summary = {
         "crops": len(plan.crops),
@@ -776,10 +796,10 @@ def fetch(
         try:
             transferred_bytes = transfer.run(decision.fetch, progress, desc)
         except KeyboardInterrupt:
-            print(f"interrupted: {record.added} objects fetched and recorded; run the same command again to continue", file=sys.stderr)
+            print(f"interrupted: {transfer.done} objects fetched and recorded; run the same command again to continue", file=sys.stderr)
             raise
         except ReproError as error:
-            raise type(error)(f"{error}; {record.added} objects fetched so far are recorded, run the same command again to continue") from None
+            raise type(error)(f"{error}; {transfer.done} objects fetched so far are recorded, run the same command again to continue") from None
     summary.update(transferred=len(decision.fetch), transferred_bytes=transferred_bytes, seconds=time.monotonic() - started, complete=decision.complete, changed=decision.changed)
     return summary
 
