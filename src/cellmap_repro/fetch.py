@@ -900,7 +900,7 @@ def register(subparsers) -> None:
     parser.add_argument("--classes", nargs="+", default=None, help="only crops annotating (test crops: scored for) any of these classes")
     parser.add_argument("--endpoint-url", default=os.environ.get("CELLMAP_REPRO_S3_ENDPOINT") or None, help="S3 endpoint (default AWS; env CELLMAP_REPRO_S3_ENDPOINT)")
     parser.add_argument("--bucket", default=os.environ.get("CELLMAP_REPRO_S3_BUCKET") or None, help=f"bucket (default: the manifest's, {DEFAULT_BUCKET}; env CELLMAP_REPRO_S3_BUCKET)")
-    parser.add_argument("--raw-context-nm", type=float, default=None, help="raw fetched beyond each crop's box, in nm (default: the reach of the widest input window of the experiments, rotated where they rotate; 1505 nm for setup04)")
+    parser.add_argument("--raw-context-nm", type=float, default=None, help=f"raw fetched beyond each crop's box, in nm (default: the reach of the widest input window of the experiments, rotated where they rotate; {FALLBACK_WINDOW.reach_nm:.0f} nm for setup04)")
     parser.add_argument("--experiments-root", default=None, help="experiments whose input windows set the default context and EM levels (default: $CELLMAP_REPRO_EXPERIMENTS or ./experiments)")
     parser.add_argument("--fetch-all-em-resolutions", action="store_true", help="fetch raw chunks at every EM scale level, not only those the experiments read")
     parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help=f"requests in flight (default {DEFAULT_WORKERS})")
