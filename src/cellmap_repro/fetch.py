@@ -473,13 +473,16 @@ def _list_prefixes(level: EmLevel, wanted: set[tuple[int, int, int]]) -> list[st
 
 
 class Planner:
-    def __init__(self, remote: Remote, context_nm: float, scales: list[tuple], all_levels: bool, workers: int):
+    def __init__(self, remote: Remote, context_nm: float, scales: list[tuple], all_levels: bool, workers: int, feed=None):
         self.remote = remote
         self.context_nm = context_nm
         self.scales = scales
         self.all_levels = all_levels
         self.workers = workers
         self.inline: dict[str, tuple[bytes, str | None]] = {}
+        # feed(objects, absent) gets each part of the plan as soon as it is known, so that
+        # transfers start while the rest is still being listed.
+        self.feed = feed or (lambda objects, absent: None)
 
     def _json(self, key: str) -> dict:
         found = self.remote.get_small(key)
@@ -525,7 +528,7 @@ class Planner:
                 return objects, (tuple(low), tuple(low + np.array(scale) * shape))
         raise ReproError(f"crop {crop.crop_id}: no labelled class with multiscale metadata under {self.remote.url(crop.crop_key)}")
 
-    def plan(self, crops: list[Crop], classes: list[str] | None, progress: bool) -> Plan:
+    def plan(self, crops: list[Crop], classes: list[str] | None, progress: bool = False) -> Plan:
         plan = Plan(crops=[])
         pool = ThreadPoolExecutor(self.workers)
         try:
@@ -568,6 +571,7 @@ class Planner:
                     if classes and not any(f"{crop.crop_key}/{name}/.zattrs" in labels for name in classes):
                         continue
                     plan.objects.update(labels)
+                    self.feed(labels, set())
                 elif classes and not set(classes) & set(crop.test_classes):
                     continue
                 self._wanted_chunks(box, em[crop.em_key], wanted)
@@ -576,6 +580,8 @@ class Planner:
                 plan.failed[crop.crop_id] = str(error)
         for job in metadata:
             job.result()
+        crop_prefixes = tuple(c.crop_key + "/" for c in crops if c.crop_key)
+        self.feed({key: (len(body), etag) for key, (body, etag) in self.inline.items() if not key.startswith(crop_prefixes)}, set())
         return wanted
 
     def _plan_raw(self, pool, wanted: dict, plan: Plan) -> None:
@@ -586,12 +592,11 @@ class Planner:
             for job in jobs:
                 listed.update(job.result())
             plan.raw_levels[level.key] = f"{level.path} ({'x'.join(f'{s:g}' for s in level.scale)} nm)"
-            for index in sorted(wanted[level]):
-                key = f"{level.key}/{level.separator.join(map(str, index))}"
-                if key in listed:
-                    plan.objects[key] = listed[key]
-                else:
-                    plan.absent.add(key)
+            keys = {f"{level.key}/{level.separator.join(map(str, index))}" for index in wanted[level]}
+            found = {key: listed[key] for key in keys if key in listed}
+            plan.objects.update(found)
+            plan.absent |= keys - set(found)
+            self.feed(found, keys - set(found))
 
     def _wanted_chunks(self, box, levels: list[EmLevel], wanted: dict) -> None:
         low, high = np.array(box[0]) - self.context_nm, np.array(box[1]) + self.context_nm
@@ -618,13 +623,14 @@ class Decision:
     new_absent: list[str] = field(default_factory=list)
 
 
-def decide(plan: Plan, entries: dict[str, dict], data_root: Path, refresh: bool) -> tuple[Decision, dict[str, dict]]:
-    """What a run must transfer; checks size and mtime only (hashes a file only if it was touched).
+def decide(objects: dict, absent: set, entries: dict[str, dict], data_root: Path, refresh: bool) -> tuple[Decision, dict[str, dict]]:
+    """What to transfer of ``objects`` (key -> size, ETag) and which of ``absent`` to record;
+    checks size and mtime only (hashes a file only if it was touched).
 
     Returns the decision and record updates (entries whose mtime changed but content did not).
     """
     decision, updates = Decision(), {}
-    for key, (size, etag) in sorted(plan.sizes().items()):
+    for key, (size, etag) in sorted(objects.items()):
         entry = entries.get(key)
         state = local_state(entry, data_root / key)
         if state == "touched":
@@ -643,7 +649,7 @@ def decide(plan: Plan, entries: dict[str, dict], data_root: Path, refresh: bool)
             decision.complete += 1
         else:
             decision.fetch.append((key, size))
-    for key in sorted(plan.absent):
+    for key in sorted(absent):
         entry = entries.get(key)
         if entry and entry.get("absent"):
             continue
@@ -653,16 +659,70 @@ def decide(plan: Plan, entries: dict[str, dict], data_root: Path, refresh: bool)
 
 
 class Transfer:
-    """Stream objects into place with a pool of threads; stop at the first failure or Ctrl-C."""
+    """Stream objects into place from a pool of threads while the plan is still being made.
 
-    def __init__(self, remote: Remote, data_root: Path, record: Record, workers: int, inline: dict):
+    ``submit`` blocks while 4 x workers objects are queued (bounded memory at any plan
+    size); the first failure or a Ctrl-C stops everything: queued objects are dropped and
+    running ones drop their temporary file at their next block.
+    """
+
+    def __init__(self, remote: Remote, data_root: Path, record: Record, workers: int, inline: dict, progress: bool, desc: str):
+        from tqdm import tqdm
+
         self.remote = remote
         self.inline = inline
         self.data_root = data_root
         self.record = record
-        self.workers = max(1, workers)
         self.stop = threading.Event()
-        self.done = 0
+        self.failure: BaseException | None = None
+        self.done = self.bytes = self.queued = 0
+        self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(4 * max(1, workers))
+        self._pool = ThreadPoolExecutor(max(1, workers))
+        self._bar = tqdm(total=0, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress)
+
+    def __enter__(self) -> "Transfer":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._bar.close()
+
+    def _check(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+
+    def submit(self, key: str, size: int) -> None:
+        while not self._slots.acquire(timeout=0.2):  # the timeout keeps Ctrl-C responsive
+            self._check()
+        self._check()
+        with self._lock:
+            self.queued += 1
+            self._bar.total += size
+        self._pool.submit(self.one, key).add_done_callback(self._finished)
+
+    def _finished(self, job) -> None:
+        self._slots.release()
+        error = None if job.cancelled() else job.exception()
+        with self._lock:
+            self.queued -= 1
+            if job.cancelled() or isinstance(error, _Stopped):
+                return
+            if error is not None:
+                if self.failure is None:
+                    self.failure = error
+                    self.stop.set()
+                return
+            self.done += 1
+            self.bytes += job.result()
+        self._bar.update(job.result())
+
+    def finish(self) -> None:
+        """Wait for every submitted object; raise the first failure."""
+        while self.queued and self.failure is None:
+            time.sleep(0.05)
+        self._check()
 
     def one(self, key: str) -> int:
         if self.stop.is_set():
@@ -691,41 +751,6 @@ class Transfer:
                 raise
         self.record.add(key, {"size": size, "md5": md5, "etag": etag or md5, "mtime_ns": local.stat().st_mtime_ns})
         return size
-
-    def run(self, items: list[tuple[str, int]], progress: bool, desc: str) -> int:
-        from tqdm import tqdm
-
-        pending, running, failure, done_bytes = iter(items), set(), None, 0
-        pool = ThreadPoolExecutor(self.workers)
-        bar = tqdm(total=sum(size for _, size in items), desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress)
-        try:
-            while True:
-                while len(running) < 2 * self.workers and not self.stop.is_set():
-                    item = next(pending, None)
-                    if item is None:
-                        break
-                    running.add(pool.submit(self.one, item[0]))
-                if not running:
-                    break
-                finished, running = wait(running, timeout=0.2, return_when=FIRST_COMPLETED)
-                for job in finished:
-                    error = job.exception()
-                    if error is None:
-                        self.done += 1
-                        done_bytes += job.result()
-                        bar.update(job.result())
-                    elif not isinstance(error, _Stopped) and failure is None:
-                        failure = error
-                        self.stop.set()
-        except BaseException:
-            self.stop.set()  # Ctrl-C: running transfers drop their temporary files at the next block
-            raise
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-            bar.close()
-        if failure is not None:
-            raise failure
-        return done_bytes
 
 
 def describe_context(windows: list[Window], context_nm: float | None) -> tuple[float, list[tuple], str]:
@@ -768,8 +793,44 @@ def fetch(
     selected = select_crops(manifest_crops, crops, datasets, test_crops)
     context, scales, how = describe_context(experiment_windows(settings.experiments_root(experiments_root)), raw_context_nm)
     remote = remote_for(bucket_name, endpoint, max(1, workers))
-    plan = Planner(remote, context, scales, all_em_levels, max(1, workers)).plan(selected, classes, progress)
-    summary = {
+    if dry_run:
+        plan = Planner(remote, context, scales, all_em_levels, max(1, workers)).plan(selected, classes, progress)
+        decision, _ = decide(plan.sizes(), plan.absent, load_entries(data_root), data_root, refresh)
+        return {**_summary(plan, how), "complete": decision.complete, "changed": decision.changed, "to_transfer": len(decision.fetch), "bytes_to_transfer": sum(s for _, s in decision.fetch), "raw": _raw_bytes(plan)}
+    started = time.monotonic()
+    totals = Decision()
+    with Record(data_root) as record:
+        planner = Planner(remote, context, scales, all_em_levels, max(1, workers))
+        with Transfer(remote, data_root, record, workers, planner.inline, progress, f"fetch {len(selected)} crop(s)") as transfer:
+
+            def feed(objects: dict, absent: set) -> None:
+                decision, updates = decide(objects, absent, record.entries, data_root, refresh)
+                for key, entry in updates.items():
+                    record.add(key, entry)
+                for key in decision.new_absent:
+                    record.add(key, {"absent": True})
+                totals.complete += decision.complete
+                totals.changed += decision.changed
+                totals.fetch += decision.fetch
+                for key, size in decision.fetch:
+                    transfer.submit(key, size)
+
+            planner.feed = feed
+            try:
+                plan = planner.plan(selected, classes)
+                transfer.finish()
+            except KeyboardInterrupt:
+                print(f"interrupted: {transfer.done} objects fetched and recorded; run the same command again to continue", file=sys.stderr)
+                raise
+            except ReproError as error:
+                raise type(error)(f"{error}; {transfer.done} objects fetched so far are recorded, run the same command again to continue") from None
+        # Left by a killed run; removed only while no other fetch (which may be writing) runs.
+        record.when_alone = functools.partial(remove_temporaries, {(data_root / key).parent for key in plan.sizes()})
+    return {**_summary(plan, how), "transferred": transfer.done, "transferred_bytes": transfer.bytes, "seconds": time.monotonic() - started, "complete": totals.complete, "changed": totals.changed}
+
+
+def _summary(plan: Plan, how: str) -> dict:
+    return {
         "crops": len(plan.crops),
         "failed": plan.failed,
         "objects": len(plan.sizes()),
@@ -778,30 +839,6 @@ def fetch(
         "context": how,
         "levels": sorted(set(plan.raw_levels.values())),
     }
-    if dry_run:
-        decision, _ = decide(plan, load_entries(data_root), data_root, refresh)
-        summary.update(complete=decision.complete, changed=decision.changed, to_transfer=len(decision.fetch), bytes_to_transfer=sum(s for _, s in decision.fetch), raw=_raw_bytes(plan))
-        return summary
-    started = time.monotonic()
-    folders = {(data_root / key).parent for key in plan.sizes()}
-    with Record(data_root, when_alone=lambda: remove_temporaries(folders)) as record:
-        # Decided again under the lock: another fetch may have finished objects meanwhile.
-        decision, updates = decide(plan, record.entries, data_root, refresh)
-        for key, entry in updates.items():
-            record.add(key, entry)
-        for key in decision.new_absent:
-            record.add(key, {"absent": True})
-        transfer = Transfer(remote, data_root, record, workers, plan.inline)
-        desc = f"fetch {len(plan.crops)} crop(s)"
-        try:
-            transferred_bytes = transfer.run(decision.fetch, progress, desc)
-        except KeyboardInterrupt:
-            print(f"interrupted: {transfer.done} objects fetched and recorded; run the same command again to continue", file=sys.stderr)
-            raise
-        except ReproError as error:
-            raise type(error)(f"{error}; {transfer.done} objects fetched so far are recorded, run the same command again to continue") from None
-    summary.update(transferred=len(decision.fetch), transferred_bytes=transferred_bytes, seconds=time.monotonic() - started, complete=decision.complete, changed=decision.changed)
-    return summary
 
 
 def _raw_bytes(plan: Plan) -> dict[str, tuple[int, int, int]]:

@@ -117,7 +117,7 @@ class Record:
 
     def __init__(self, data_root: Path, when_alone=None):
         self.data_root = Path(data_root)
-        self.when_alone = when_alone  # called at the start if no other fetch runs (e.g. tidying)
+        self.when_alone = when_alone  # called at the end if no other fetch runs then (e.g. tidying)
         self.entries: dict[str, dict] = {}
         self.added = 0
         self._mutex = threading.Lock()
@@ -131,8 +131,6 @@ class Record:
         try:
             if _try_lock(self._lock_fd, fcntl.LOCK_EX):
                 self.entries = fold(self.data_root)
-                if self.when_alone is not None:
-                    self.when_alone()
                 fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
             else:  # another fetch runs: share the root with it
                 fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
@@ -151,8 +149,12 @@ class Record:
             if self._journal_fd is None:
                 return  # closed after an interruption: the object is fetched again next time
             try:
-                os.write(self._journal_fd, line)
+                if os.write(self._journal_fd, line) != len(line):  # a full disk can cut a write short
+                    raise OSError(errno.ENOSPC, "short write")
             except OSError as exc:
+                # Nothing may follow a cut line (it would read as damage): this journal is done.
+                os.close(self._journal_fd)
+                self._journal_fd = None
                 if exc.errno in DISK_FULL:
                     raise ReproError(f"disk full while writing the fetch record {self.journal} (after {self.data_root / key}); free space") from None
                 raise
@@ -169,6 +171,8 @@ class Record:
                 with contextlib.suppress(OSError, ReproError):
                     # A full disk keeps the journals, which are the record until the next fold.
                     fold(self.data_root)
+                if self.when_alone is not None:
+                    self.when_alone()
         finally:
             self._release()
 
