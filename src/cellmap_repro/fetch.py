@@ -796,22 +796,23 @@ def fetch(
     if dry_run:
         plan = Planner(remote, context, scales, all_em_levels, max(1, workers)).plan(selected, classes, progress)
         decision, _ = decide(plan.sizes(), plan.absent, load_entries(data_root), data_root, refresh)
-        return {**_summary(plan, how), "complete": decision.complete, "changed": decision.changed, "to_transfer": len(decision.fetch), "bytes_to_transfer": sum(s for _, s in decision.fetch), "raw": _raw_bytes(plan)}
-    started = time.monotonic()
-    totals = Decision()
+        return {**_summary(plan), "context": how, "complete": decision.complete, "changed": decision.changed, "to_transfer": len(decision.fetch), "bytes_to_transfer": sum(s for _, s in decision.fetch), "raw": _raw_bytes(plan)}
+    planner = Planner(remote, context, scales, all_em_levels, max(1, workers))
+    return {**_fetch_into(data_root, planner, selected, classes, refresh, workers, progress), "context": how}
+
+
+def _fetch_into(data_root: Path, planner: Planner, selected: list[Crop], classes, refresh: bool, workers: int, progress: bool) -> dict:
+    """Plan and transfer together: each part of the plan is decided and queued as it is known."""
+    started, totals = time.monotonic(), Decision()
     with Record(data_root) as record:
-        planner = Planner(remote, context, scales, all_em_levels, max(1, workers))
-        with Transfer(remote, data_root, record, workers, planner.inline, progress, f"fetch {len(selected)} crop(s)") as transfer:
+        with Transfer(planner.remote, data_root, record, workers, planner.inline, progress, f"fetch {len(selected)} crop(s)") as transfer:
 
             def feed(objects: dict, absent: set) -> None:
                 decision, updates = decide(objects, absent, record.entries, data_root, refresh)
-                for key, entry in updates.items():
+                for key, entry in [*updates.items(), *((key, {"absent": True}) for key in decision.new_absent)]:
                     record.add(key, entry)
-                for key in decision.new_absent:
-                    record.add(key, {"absent": True})
                 totals.complete += decision.complete
                 totals.changed += decision.changed
-                totals.fetch += decision.fetch
                 for key, size in decision.fetch:
                     transfer.submit(key, size)
 
@@ -826,17 +827,16 @@ def fetch(
                 raise type(error)(f"{error}; {transfer.done} objects fetched so far are recorded, run the same command again to continue") from None
         # Left by a killed run; removed only while no other fetch (which may be writing) runs.
         record.when_alone = functools.partial(remove_temporaries, {(data_root / key).parent for key in plan.sizes()})
-    return {**_summary(plan, how), "transferred": transfer.done, "transferred_bytes": transfer.bytes, "seconds": time.monotonic() - started, "complete": totals.complete, "changed": totals.changed}
+    return {**_summary(plan), "transferred": transfer.done, "transferred_bytes": transfer.bytes, "seconds": time.monotonic() - started, "complete": totals.complete, "changed": totals.changed}
 
 
-def _summary(plan: Plan, how: str) -> dict:
+def _summary(plan: Plan) -> dict:
     return {
         "crops": len(plan.crops),
         "failed": plan.failed,
         "objects": len(plan.sizes()),
         "bytes": sum(size for size, _ in plan.sizes().values()),
         "absent": len(plan.absent),
-        "context": how,
         "levels": sorted(set(plan.raw_levels.values())),
     }
 
