@@ -38,6 +38,7 @@ from cellmap_repro.classes import class_relations
 from cellmap_repro.datasplit import DatasplitRow, check_paths_exist, read_datasplit
 from cellmap_repro.determinism import derived_seed
 from cellmap_repro.errors import ReproError
+from cellmap_repro.fetch_record import require_window_fetched
 from cellmap_repro.storage import read_levels
 
 INPUT_KEY = "input"
@@ -46,9 +47,11 @@ VALIDATION_STREAM = 1 << 20  # keeps validation seeds apart from training positi
 AUGMENT_DEVICES = ("cpu", "cuda")
 
 
-def check_rows(rows: list[DatasplitRow], input_scale, target_scale, where: str) -> None:
+def check_rows(rows: list[DatasplitRow], input_scale, target_scale, where: str, input_shape=None, rotates: bool = False) -> None:
     check_paths_exist(rows, where)
     for row in rows:
+        if input_shape is not None:  # every window around the crop lies on fetched raw
+            require_window_fetched(row.raw_group, row.label_group(row.classes[0]), row.crop_id, input_shape, input_scale, rotates, where)
         raw_levels = read_levels(row.raw_group, where=f"{where}: raw of crop {row.crop_id}")
         finest = raw_levels[0].scale
         if any(f > s * 1.01 for f, s in zip(finest, input_scale)):
@@ -273,7 +276,8 @@ def build(experiment, datasplit_path: Path | None = None) -> TrainingData:
     config = experiment.train
     path = Path(datasplit_path or experiment.datasplit_path)
     rows = read_datasplit(path)
-    check_rows(rows, config.input_array_info.scale, config.target_array_info.scale, str(path))
+    rotates = "rotate" in (config.spatial_transforms or {})
+    check_rows(rows, config.input_array_info.scale, config.target_array_info.scale, str(path), config.input_array_info.shape, rotates)
     input_arrays = {INPUT_KEY: {"shape": config.input_array_info.shape, "scale": config.input_array_info.scale}}
     target_arrays = {TARGET_KEY: {"shape": config.target_array_info.shape, "scale": config.target_array_info.scale}}
     # Without masking every class still gets an (empty) entry: cellmap-data 2026.2.28.30

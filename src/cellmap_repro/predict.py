@@ -26,6 +26,7 @@ import numpy as np
 
 from cellmap_repro import checkpoint, settings
 from cellmap_repro.errors import ReproError
+from cellmap_repro.fetch_record import require_tiles_fetched
 from cellmap_repro.storage import (
     PARTIAL_SUFFIX,
     ScaleLevel,
@@ -189,6 +190,7 @@ def predict(
         # min-max) then sees windows of the size it was trained on.
         needed = np.asarray(config.target_array_info.shape) if max_input is None else np.minimum(grid_shape, max(1, max_input - int(context.max())))
         in_shape, out_shape = output_size_for(config.input_array_info.shape, config.target_array_info.shape, step, needed)
+        require_tiles_fetched(target.raw_group / raw_level.path, grid_start, grid_shape, in_shape, out_shape, raw_level.scale, target.crop_id, where)
         crop_dir = out_root / f"{target.dataset}.zarr" / f"crop{target.crop_id}"
         translation = tuple(t + s * k for t, s, k in zip(raw_level.translation, raw_level.scale, grid_start))
         level = ScaleLevel("s0", tuple(out_scale), translation)

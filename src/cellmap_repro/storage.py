@@ -18,10 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from pydantic_ome_ngff.v04.axis import Axis
-from pydantic_ome_ngff.v04.multiscale import Dataset, MultiscaleMetadata
-from pydantic_ome_ngff.v04.transform import VectorScale, VectorTranslation
-
 from cellmap_repro.errors import ReproError
 
 AXES = ("z", "y", "x")
@@ -30,6 +26,12 @@ PARTIAL_SUFFIX = ".partial"
 
 def _umask_mode() -> int:
     # mkstemp creates 0600 files; outputs should get the permissions any new file gets.
+    # Read the umask where the kernel reports it: setting it to read it races with
+    # other threads creating files (fetch writes from many threads).
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        with open("/proc/self/status") as status:
+            line = next(line for line in status if line.startswith("Umask:"))
+        return 0o666 & ~int(line.split()[1], 8)
     mask = os.umask(0)
     os.umask(mask)
     return 0o666 & ~mask
@@ -127,6 +129,11 @@ class ScaleLevel:
 
 def multiscale_attrs(levels: Sequence[ScaleLevel], name: str | None = None) -> dict:
     """OME-NGFF 0.4 ``multiscales`` attributes for a group holding ``levels``."""
+    # Imported here: pydantic-ome-ngff takes most of a second, which every CLI start paid.
+    from pydantic_ome_ngff.v04.axis import Axis
+    from pydantic_ome_ngff.v04.multiscale import Dataset, MultiscaleMetadata
+    from pydantic_ome_ngff.v04.transform import VectorScale, VectorTranslation
+
     metadata = MultiscaleMetadata(
         version="0.4",
         name=name,
