@@ -16,24 +16,6 @@ import sys
 from cellmap_repro import __version__
 from cellmap_repro.errors import ReproError
 
-# Module names under cellmap_repro, in the order `--help` lists them.
-STAGE_MODULES = (
-    "tiny_crop",
-    "fetch",
-    "datasplit",
-    "model",
-    "train",
-    "predict",
-    "process",
-    "evaluate",
-    "pack",
-    "view",
-    "tensorboard",
-    "repro",
-    "smoke",
-    "gpu",
-)
-
 # Subcommand -> the module that registers it. `cellmap-repro <stage>` imports only that
 # module: importing every stage (torch, scipy, zarr, ...) cost seconds on each start.
 STAGE_VERBS = {
@@ -46,12 +28,16 @@ STAGE_VERBS = {
     "process": "process",
     "evaluate": "evaluate",
     "pack": "pack",
+    "view": "view",
     "tensorboard": "tensorboard",
     "unite-logs": "tensorboard",
     "verify": "repro",
     "smoke": "smoke",
     "gpu-check": "gpu",
 }
+
+# Module names under cellmap_repro, in the order `--help` lists them.
+STAGE_MODULES = tuple(dict.fromkeys(STAGE_VERBS.values()))
 
 EXIT_USER_ERROR = 2
 
