@@ -109,6 +109,34 @@ def read_datasplit(path: Path) -> list[DatasplitRow]:
     return parse_datasplit(path.read_text(), str(path))
 
 
+def crop_ids(text: str, flag: str, words: str) -> set[int]:
+    """Crop ids like ``1,2`` given on the command line, or one line saying what is allowed."""
+    try:
+        wanted = {int(c) for c in text.split(",") if c.strip()}
+    except ValueError:
+        wanted = set()
+    if not wanted:
+        raise ReproError(f"{flag} must be {words} or crop ids like 1,2; got {text!r}")
+    return wanted
+
+
+def select_rows(rows: list[DatasplitRow], which: str, flag: str = "--crops") -> list[DatasplitRow]:
+    """The datasplit rows ``which`` names: validate, train, all, or crop ids like 1,2."""
+    if which in USAGES:
+        chosen = [r for r in rows if r.usage == which]
+    elif which == "all":
+        chosen = list(rows)
+    else:
+        wanted = crop_ids(which, flag, "validate, train, all")
+        chosen = [r for r in rows if r.crop_id in wanted]
+        missing = wanted - {r.crop_id for r in chosen}
+        if missing:
+            raise ReproError(f"crop(s) {sorted(missing)} are not in the datasplit")
+    if not chosen:
+        raise ReproError(f"the datasplit has no '{which}' crops")
+    return chosen
+
+
 def check_paths_exist(rows: list[DatasplitRow], where: str) -> None:
     """Fail on the first raw array or label group of a row that is not on disk."""
     for row in rows:

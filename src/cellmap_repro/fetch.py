@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from cellmap_repro import settings
+from cellmap_repro.datasplit import crop_ids
 from cellmap_repro.errors import ReproError
 from cellmap_repro.fetch_record import (
     DISK_FULL,
@@ -175,10 +176,7 @@ def select_crops(crops: list[Crop], which: str, datasets: list[str] | None, test
     elif which == "test":
         chosen = test_crops()
     else:
-        try:
-            wanted = {int(c) for c in which.split(",") if c.strip()}
-        except ValueError:
-            raise ReproError(f"--crops must be 'all', 'test' or crop ids like 111,112; got {which!r}") from None
+        wanted = crop_ids(which, "--crops", "'all', 'test'")
         chosen = [c for c in crops if c.crop_id in wanted]
         unknown = wanted - {c.crop_id for c in chosen}
         if unknown:

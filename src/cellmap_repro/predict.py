@@ -59,21 +59,9 @@ def crop_box(levels: list[ScaleLevel], shape) -> tuple[tuple, tuple]:
 def targets_from_datasplit(rows, which: str) -> list[CropTarget]:
     import zarr
 
-    if which in ("validate", "train"):
-        chosen = [r for r in rows if r.usage == which]
-    elif which == "all":
-        chosen = list(rows)
-    else:
-        try:
-            wanted = {int(c) for c in which.split(",") if c.strip()}
-        except ValueError:
-            raise ReproError(f"--crops must be validate, train, all or crop ids like 1,2; got {which!r}") from None
-        chosen = [r for r in rows if r.crop_id in wanted]
-        missing = wanted - {r.crop_id for r in chosen}
-        if missing:
-            raise ReproError(f"crop(s) {sorted(missing)} are not in the datasplit")
-    if not chosen:
-        raise ReproError(f"the datasplit has no '{which}' crops to predict")
+    from cellmap_repro.datasplit import select_rows
+
+    chosen = select_rows(rows, which)
     targets = []
     for row in chosen:
         group = row.label_group(row.classes[0])
