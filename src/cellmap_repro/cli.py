@@ -29,6 +29,7 @@ STAGE_MODULES = (
     "pack",
     "tensorboard",
     "repro",
+    "seeds",
     "smoke",
     "gpu",
 )
