@@ -26,7 +26,7 @@ $(error RUNNER must be local or docker, not '$(RUNNER)')
 endif
 
 .DEFAULT_GOAL := help
-.PHONY: gpu-check image image-if-missing lint lock help install smoke tiny-crop download weights datasplit train predict process evaluate pack view verify tensorboard unite-logs test
+.PHONY: bsub gpu-check image image-if-missing lint lock help install sbatch smoke tiny-crop download weights datasplit train predict process evaluate pack view verify tensorboard unite-logs test
 
 help: ## list the targets
 	@echo "cellmap-repro (RUNNER=$(RUNNER), EXP=$(EXP)); pass extra flags with ARGS='...'"
@@ -92,6 +92,23 @@ endif
 
 gpu-check: $(STAGE_DEPS) ## check GPU, driver and CUDA for the image (in the train service's container)
 	$(call cli,train) gpu-check
+
+# ---------------------------------------------------------------- clusters (docs/cluster.md)
+JOB ?= train
+SEEDS ?= 0-4
+SBATCH_ARGS ?=
+BSUB_ARGS ?=
+
+sbatch: ## submit a Slurm job for EXP: JOB=train (default), smoke, predict, verify, or seeds (SEEDS=0-4, then the report); SBATCH_ARGS='...'
+ifeq ($(JOB),seeds)
+	jid=$$(EXP=$(EXP) ARGS='$(ARGS)' sbatch --parsable --array=$(SEEDS) $(SBATCH_ARGS) cluster/slurm/seeds.sbatch) \
+	  && echo "seeds: job array $$jid" && EXP=$(EXP) sbatch --dependency=afterany:$$jid cluster/slurm/seeds-report.sbatch
+else
+	EXP=$(EXP) ARGS='$(ARGS)' sbatch $(SBATCH_ARGS) cluster/slurm/$(JOB).sbatch
+endif
+
+bsub: ## submit an LSF job for EXP (untested): JOB=train, smoke, predict, verify or seeds; BSUB_ARGS='-q gpu_h100'
+	EXP=$(EXP) ARGS='$(ARGS)' bsub $(BSUB_ARGS) < cluster/lsf/$(JOB).bsub
 
 test: $(VENV)/.installed ## run the test suite (natively)
 	$(VENV)/bin/python -m pytest $(ARGS)

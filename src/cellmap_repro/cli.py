@@ -32,6 +32,8 @@ STAGE_VERBS = {
     "tensorboard": "tensorboard",
     "unite-logs": "tensorboard",
     "verify": "repro",
+    "seed-copy": "seeds",
+    "seeds-report": "seeds",
     "smoke": "smoke",
     "gpu-check": "gpu",
 }

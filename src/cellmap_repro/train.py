@@ -366,9 +366,18 @@ def overrides_from_args(args: argparse.Namespace) -> Overrides:
     )
 
 
+def should_resume(args: argparse.Namespace) -> bool:
+    """--resume, or --auto-resume where a run was started (a requeued cluster job)."""
+    if not args.auto_resume:
+        return args.resume
+    from cellmap_repro.experiment import experiment_checkpoints_dir
+
+    return (experiment_checkpoints_dir(args.experiment, args.experiments_root) / manifest.MANIFEST_NAME).exists()
+
+
 def run_cli(args: argparse.Namespace) -> int:
     overrides = overrides_from_args(args)
-    result = train(args.experiment, args.experiments_root, overrides, resume=args.resume, overwrite=args.overwrite, threads=args.threads)
+    result = train(args.experiment, args.experiments_root, overrides, resume=should_resume(args), overwrite=args.overwrite, threads=args.threads)
     print(f"checkpoints: {result.checkpoints_dir}")
     print(f"tensorboard: {result.tensorboard_dir}")
     print(f"manifest:    {result.manifest_path}")
@@ -398,4 +407,5 @@ def register(subparsers) -> None:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="continue from checkpoints/latest.pth")
     group.add_argument("--overwrite", action="store_true", help="delete the experiment's checkpoints and start again")
+    group.add_argument("--auto-resume", action="store_true", help="resume the run if one was started, else start one (for requeued cluster jobs)")
     parser.set_defaults(func=run_cli)
