@@ -218,25 +218,29 @@ class SamplePlan:
         return augment.Window(spec.center(local), tuple(shape), tuple(scale))
 
     def _target(self, spec: CropSpec, local: int, augmentation: augment.Augmentation):
+        """(classes, *window) targets: annotated classes read and transformed, the others
+        NaN (unknown) except where an annotated class that excludes them is present."""
         import torch
 
         window = self._window(spec, local, self.target_window)
         transforms = self.value_transforms()
-        arrays = {}
+        labels = augment.read_labels(spec.labels, window, augmentation)
+        shape = augment.transpose(cellmap_layout(torch.empty(window.shape), augmentation), augmentation).shape
+        target = torch.full((len(self.classes), *shape), float("nan"))
         for index, name in enumerate(self.classes):
-            if name in spec.labels:
-                values = augment.transpose(cellmap_layout(augment.read_label(spec.labels[name], window, augmentation), augmentation), augmentation)
+            if name in labels:
+                values = augment.transpose(cellmap_layout(labels[name], augmentation), augmentation)
                 transform = transforms.for_class(name, index)
-                arrays[name] = (transform(values) if transform is not None else values).to(torch.float32)
-        unknown = augment.transpose(cellmap_layout(torch.full(tuple(window.shape), float("nan")), augmentation), augmentation)
-        for name in self.classes:
-            if name in arrays:
-                continue
-            values = unknown.clone()
-            for other in spec.inferred.get(name, ()):
-                values[arrays[other] > 0] = 0.0  # a voxel of an excluding class is a true negative
-            arrays[name] = values
-        return torch.stack([arrays[name] for name in self.classes])
+                target[index] = transform(values) if transform is not None else values
+        inferred = [name for name in spec.inferred if name in self.classes]
+        if inferred:
+            annotated = [name for name in self.classes if name in labels]
+            present = torch.stack([target[self.classes.index(name)] > 0 for name in annotated]).flatten(1).float()
+            excludes = torch.tensor([[float(other in spec.inferred[name]) for other in annotated] for name in inferred])
+            excluded = (excludes @ present > 0).reshape(len(inferred), *shape)
+            rows = [self.classes.index(name) for name in inferred]
+            target[rows] = torch.where(excluded, 0.0, target[rows])
+        return target
 
 
 def cellmap_layout(values, augmentation: augment.Augmentation):
