@@ -3,7 +3,8 @@
 Every stage writes through these helpers so that an interrupted or failed write never
 leaves a file or a zarr array that looks complete: files go to a temporary name in the
 same directory and are renamed into place; zarr outputs are built in a ``*.partial``
-directory and renamed when finished.
+directory and renamed when finished. Paths that come from data (S3 keys, manifest
+fields, zarr level paths) are joined to their folder through :func:`confined`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterator, Sequence
 
 from cellmap_repro.errors import ReproError
@@ -104,6 +105,23 @@ def atomic_directory(path: Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(partial, path)
+
+
+def confined(base: Path, relative: str, what: str, plain: bool = False) -> Path:
+    """``base / relative`` for a path read from data, or one clear error naming ``what``.
+
+    Refused: an empty or absolute path, any ``..`` part (``\\`` counts as a separator, as
+    in a manifest written on Windows), a NUL byte; with ``plain``, anything but one name.
+    Judged on the text alone: data can only choose the text, and a folder the user linked
+    into ``base`` on purpose (a dataset on other storage) keeps working.
+    """
+    text = str(relative)
+    parts = PurePosixPath(text.replace("\\", "/")).parts
+    if not text.strip() or text.startswith(("/", "\\")) or ".." in parts or "\0" in text:
+        raise ReproError(f"{what} {text!r} is not a path inside {base}; refused")
+    if plain and (len(parts) != 1 or parts[0] == "."):
+        raise ReproError(f"{what} {text!r} is not a plain name inside {base}; refused")
+    return Path(base) / text
 
 
 def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
