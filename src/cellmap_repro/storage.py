@@ -192,6 +192,8 @@ def read_levels(group_path: Path | str, where: str | None = None) -> list[ScaleL
             levels.append(ScaleLevel(entry["path"], scale, translation))
     except (KeyError, IndexError, TypeError, ValueError) as exc:
         raise ReproError(f"{label}: malformed OME-NGFF multiscales attributes in {attrs_file} ({exc})") from None
+    for level in levels:
+        confined(group_path, level.path, f"{label}: level path in {attrs_file}")
     return sorted(levels, key=lambda level: max(level.scale))
 
 
