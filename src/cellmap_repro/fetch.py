@@ -62,6 +62,7 @@ from cellmap_repro.fetch_record import (
     voxel_box,
     window_reach_nm,
 )
+from cellmap_repro.storage import confined
 
 DEFAULT_BUCKET = "janelia-cosem-datasets"
 _TOOLBOX_UTILS = "https://raw.githubusercontent.com/janelia-cellmap/cellmap-segmentation-challenge/main/src/cellmap_segmentation_challenge/utils"
@@ -128,8 +129,6 @@ class _Stopped(Exception):
 def local_path(data_root: Path, key: str, what: str = "S3 object key") -> Path:
     """Where object ``key`` lives under the data root; every key goes through here before
     it becomes a path (listed, read back from the record, or built from metadata)."""
-    from cellmap_repro.storage import confined
-
     try:
         return confined(data_root, key, what)
     except ReproError as error:

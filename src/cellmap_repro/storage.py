@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Iterator, Sequence
 
 from cellmap_repro.errors import ReproError
@@ -116,12 +116,12 @@ def confined(base: Path, relative: str, what: str, plain: bool = False) -> Path:
     into ``base`` on purpose (a dataset on other storage) keeps working.
     """
     text = str(relative)
-    parts = PurePosixPath(text.replace("\\", "/")).parts
+    parts = text.replace("\\", "/").split("/")  # str.split: fetch checks every object key
     if not text.strip() or text.startswith(("/", "\\")) or ".." in parts or "\0" in text:
         raise ReproError(f"{what} {text!r} is not a path inside {base}; refused")
-    if plain and (len(parts) != 1 or parts[0] == "."):
+    if plain and (len(parts) != 1 or text == "."):
         raise ReproError(f"{what} {text!r} is not a plain name inside {base}; refused")
-    return Path(base) / text
+    return (base if isinstance(base, Path) else Path(base)) / text
 
 
 def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
