@@ -420,3 +420,77 @@ def test_each_stage_imports_only_its_own_module():
     code = "import sys; from cellmap_repro import cli; cli.build_parser('fetch'); print(sorted(m for m in ('torch', 'scipy', 'zarr', 'pydantic_ome_ngff') if m in sys.modules))"
     imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO / "src")}, check=True)
     assert imported.stdout.strip() == "[]"
+
+
+# --- keys that would land outside the data root (issue 13) ----------------------------------
+
+def written_outside(tmp_path, data):
+    """Files and folders under tmp_path that are neither the data root, in it, nor above it."""
+    return sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p != data and data not in p.parents and p not in data.parents)
+
+
+# Relative to a crop's prefix: seven `..` climb out of <data> itself (the GET of such a key
+# fails on a path-style endpoint, but the folder for it was made before; on AWS's
+# virtual-hosted style the URL lands on another object of the bucket). Backslashes are no
+# separator on Linux, but are refused as they would be one where the data is read on Windows.
+HOSTILE = {9: "../../../../../../../escaped/outside.txt", 10: "mito/..\\..\\..\\..\\..\\..\\..\\..\\outside.txt"}
+
+
+@pytest.fixture(scope="module")
+def hostile(s3, tiny_dataset):
+    """Crops 9 and 10: crop 1's ground truth under other prefixes, each with one object whose
+    key points outside (HOSTILE); listed, with crop 1, by their own crop manifest."""
+    client, labels = s3.client(), f"{DATASET}/{DATASET}.zarr/recon-1/labels/groundtruth"
+    em = f"s3://{BUCKET}/{DATASET}/{DATASET}.zarr/recon-1/em/fibsem-uint8"
+    for crop, relative in HOSTILE.items():
+        s3.upload_tree(BUCKET, tiny_dataset / "recon-1/labels/groundtruth/crop1", f"{labels}/crop{crop}")
+        client.put_object(Bucket=BUCKET, Key=f"{labels}/crop{crop}/{relative}", Body=b"planted", ACL="public-read")
+    rows = [f"{crop},{DATASET},recon-1,s3://{BUCKET}/{labels}/crop{crop},{em}" for crop in (1, *HOSTILE)]
+    client.put_object(Bucket=BUCKET, Key="hostile_manifest.csv", Body=("crop_number,collection,alignment,crop_url,em_url\n" + "\n".join(rows) + "\n").encode(), ACL="public-read")
+    yield {crop: f"{labels}/crop{crop}/{relative}" for crop, relative in HOSTILE.items()}
+    for crop in HOSTILE:
+        keys = [item["Key"] for item in client.list_objects_v2(Bucket=BUCKET, Prefix=f"{labels}/crop{crop}/")["Contents"]]
+        client.delete_objects(Bucket=BUCKET, Delete={"Objects": [{"Key": key} for key in keys]})
+    client.delete_object(Bucket=BUCKET, Key="hostile_manifest.csv")
+
+
+def test_a_listed_key_escaping_the_data_root_stops_the_fetch_with_nothing_written_outside(s3, hostile, tmp_path):
+    data = tmp_path / "deep" / "data"
+    result = cli("fetch", "--data", str(data), "--endpoint-url", s3.endpoint, "--manifest", f"s3://{BUCKET}/hostile_manifest.csv", "--crops", "1,9", "--raw-context-nm", "0", "--workers", "2")
+    one_line_error(result, f"S3 object key {hostile[9]!r} is not a path inside {data}; refused; fetch stopped")
+    assert written_outside(tmp_path, data) == []
+    assert not (data / DATASET / f"{DATASET}.zarr/recon-1/labels/groundtruth/crop9").exists()  # refused before any of crop 9 was queued
+    record_matches_files(data)  # what crop 1 got before the stop is in place and recorded
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_a_key_escaping_through_backslashes_is_refused_too(s3, hostile, tmp_path, dry_run):
+    from cellmap_repro.fetch import UnsafeKey, fetch
+
+    data = tmp_path / "data"
+    with pytest.raises(UnsafeKey, match="is not a path inside"):
+        fetch(data, manifest=f"s3://{BUCKET}/hostile_manifest.csv", crops="10", endpoint=s3.endpoint, raw_context_nm=0, dry_run=dry_run, progress=False)
+    assert written_outside(tmp_path, data) == [] and not list(data.rglob("*.zarr"))
+
+
+@pytest.mark.parametrize("key", ["/etc/cellmap-outside", "a/../../outside", "a\\..\\..\\outside", "", "a/\0/b"])
+def test_every_key_is_confined_before_it_becomes_a_path(tmp_path, key):
+    from cellmap_repro.fetch import UnsafeKey, decide
+
+    data = tmp_path / "data"
+    with pytest.raises(UnsafeKey, match="is not a path inside"):
+        decide({key: (7, None)}, set(), {}, data, refresh=False)
+    with pytest.raises(UnsafeKey, match="is not a path inside"):
+        decide({}, {key}, {}, data, refresh=False)
+
+
+def test_a_record_naming_a_path_outside_is_refused_by_verify(tmp_path):
+    from cellmap_repro.fetch import UnsafeKey, verify_local
+    from cellmap_repro.fetch_record import RECORD_NAME, write_snapshot
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (tmp_path / "secret.txt").write_text("not fetched")
+    write_snapshot(data, {"../secret.txt": {"size": 11, "md5": "0" * 32, "etag": "0" * 32, "mtime_ns": 0}})
+    with pytest.raises(UnsafeKey, match=f"fetch record {data / RECORD_NAME} '../secret.txt' is not a path inside {data}; refused"):
+        verify_local(data)

@@ -20,6 +20,8 @@ ETag for single-part uploads), renamed into place and recorded (see ``fetch_reco
 rerun skips objects whose size and mtime match the record, and reports objects whose ETag
 changed upstream (``--refresh`` fetches them). ``--verify`` re-hashes the local copy
 offline. Anonymous access; endpoint and bucket are settings, so a local S3 server works.
+A key becomes a local path only through :func:`local_path`: one that would land outside
+the data root stops the fetch (see ``UnsafeKey``).
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ from cellmap_repro.fetch_record import (
     voxel_box,
     window_reach_nm,
 )
+from cellmap_repro.storage import confined
 
 DEFAULT_BUCKET = "janelia-cosem-datasets"
 _TOOLBOX_UTILS = "https://raw.githubusercontent.com/janelia-cellmap/cellmap-segmentation-challenge/main/src/cellmap_segmentation_challenge/utils"
@@ -110,12 +113,26 @@ class ServerLost(ReproError):
     pass
 
 
+class UnsafeKey(ReproError):
+    """An object key that would land outside the data root (``..``, absolute): a rerun
+    meets it again, so the fetch stops instead of suggesting one."""
+
+
 class _StreamBroken(Exception):
     pass
 
 
 class _Stopped(Exception):
     pass
+
+
+def local_path(data_root: Path, key: str, what: str = "S3 object key") -> Path:
+    """Where object ``key`` lives under the data root; every key goes through here before
+    it becomes a path (listed, read back from the record, or built from metadata)."""
+    try:
+        return confined(data_root, key, what)
+    except ReproError as error:
+        raise UnsafeKey(str(error)) from None
 
 
 # --- manifests and crop selection ---------------------------------------------------------
@@ -630,9 +647,9 @@ def decide(objects: dict, absent: set, entries: dict[str, dict], data_root: Path
     decision, updates = Decision(), {}
     for key, (size, etag) in sorted(objects.items()):
         entry = entries.get(key)
-        state = local_state(entry, data_root / key)
+        local = local_path(data_root, key)
+        state = local_state(entry, local)
         if state == "touched":
-            local = data_root / key
             state = "ok" if md5_file(local) == entry.get("md5") else "differs"
             if state == "ok":
                 updates[key] = {**entry, "mtime_ns": local.stat().st_mtime_ns}
@@ -651,7 +668,7 @@ def decide(objects: dict, absent: set, entries: dict[str, dict], data_root: Path
         entry = entries.get(key)
         if entry and entry.get("absent"):
             continue
-        if not (data_root / key).exists():  # a local copy from before the chunk vanished upstream stays
+        if not local_path(data_root, key).exists():  # a local copy from before the chunk vanished upstream stays
             decision.new_absent.append(key)
     return decision, updates
 
@@ -727,7 +744,7 @@ class Transfer:
             raise _Stopped()
         from cellmap_repro.storage import atomic_output_path
 
-        local = self.data_root / key
+        local = local_path(self.data_root, key)
         for attempt in (1, 2, 3):
             try:
                 with atomic_output_path(local) as tmp:
@@ -821,10 +838,12 @@ def _fetch_into(data_root: Path, planner: Planner, selected: list[Crop], classes
             except KeyboardInterrupt:
                 print(f"interrupted: {transfer.done} objects fetched and recorded; run the same command again to continue", file=sys.stderr)
                 raise
+            except UnsafeKey as error:
+                raise UnsafeKey(f"{error}; fetch stopped, {transfer.done} objects fetched so far are recorded") from None
             except ReproError as error:
                 raise type(error)(f"{error}; {transfer.done} objects fetched so far are recorded, run the same command again to continue") from None
         # Left by a killed run; removed only while no other fetch (which may be writing) runs.
-        record.when_alone = functools.partial(remove_temporaries, {(data_root / key).parent for key in plan.sizes()})
+        record.when_alone = functools.partial(remove_temporaries, {local_path(data_root, key).parent for key in plan.sizes()})
     return {**_summary(plan), "transferred": transfer.done, "transferred_bytes": transfer.bytes, "seconds": time.monotonic() - started, "complete": totals.complete, "changed": totals.changed}
 
 
@@ -856,7 +875,8 @@ def verify_local(data_root: Path) -> tuple[list[str], int]:
     entries = load_entries(data_root)
     if not entries:
         raise ReproError(f"nothing recorded in {data_root / RECORD_NAME}: fetch something first")
-    bad = [key for key in sorted(entries) if local_state(entries[key], data_root / key, deep=True) != "ok"]
+    where = f"object key in the fetch record {data_root / RECORD_NAME}"
+    bad = [key for key in sorted(entries) if local_state(entries[key], local_path(data_root, key, where), deep=True) != "ok"]
     return bad, len(entries)
 
 

@@ -31,6 +31,7 @@ from cellmap_repro.storage import (
     PARTIAL_SUFFIX,
     ScaleLevel,
     atomic_write_json,
+    confined,
     find_level,
     multiscale_attrs,
     read_levels,
@@ -78,6 +79,7 @@ def targets_from_manifest(path: Path, data: Path, raw_path: str = "recon-1/em/fi
 
     crops: dict[int, CropTarget] = {}
     for row in read_manifest(path):
+        confined(data, row.dataset, f"{path}: crop {row.crop_id} dataset", plain=True)  # a folder of <data> and of the predictions
         low = tuple(t - s / 2 for t, s in zip(row.translation, row.voxel_size))
         high = tuple(lo + s * n for lo, s, n in zip(low, row.voxel_size, row.shape))
         raw_group = data / row.dataset / f"{row.dataset}.zarr" / raw_path
