@@ -3,6 +3,8 @@
 
 EXP ?= setup_04_all
 ARGS ?=
+# training processes (one per GPU) through torchrun; unset or 1: one process
+GPUS ?=
 PYTHON ?= python3
 VENV ?= .venv
 DOCKER ?= docker
@@ -56,8 +58,8 @@ weights: $(STAGE_DEPS) ## download the real setup04 weights into data/weights
 datasplit: $(STAGE_DEPS) ## write EXP's datasplit.csv from the crops in data/
 	$(call cli,train) datasplit -e $(EXP) $(ARGS)
 
-train: $(STAGE_DEPS) ## train EXP (ARGS='--resume' to continue)
-	$(call cli,train) train -e $(EXP) $(ARGS)
+train: $(STAGE_DEPS) ## train EXP (ARGS='--resume' to continue; GPUS=N: N processes, one per GPU, through torchrun)
+	$(call cli,train) train -e $(EXP) $(if $(filter-out 1,$(GPUS)),--nproc $(GPUS)) $(ARGS)
 
 predict: $(STAGE_DEPS) ## predict EXP's validation crops
 	$(call cli,predict) predict -e $(EXP) $(ARGS)
@@ -131,7 +133,7 @@ REVISION ?= $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
 LOCK_SHA256 := $(shell sha256sum requirements.txt | cut -d' ' -f1)
 export UID := $(shell id -u)
 export GID := $(shell id -g)
-export IMAGE REVISION LOCK_SHA256 EXP
+export IMAGE REVISION LOCK_SHA256 EXP GPUS
 # GPU reservations only where an NVIDIA driver exists; otherwise the CPU override.
 export COMPOSE_FILE ?= $(if $(shell command -v nvidia-smi 2>/dev/null),compose.yaml,compose.yaml:compose.cpu.yaml)
 # Compose v2 from the dev tools when the docker CLI has no compose plugin (lint only)

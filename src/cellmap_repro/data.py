@@ -419,8 +419,12 @@ def _quiet_worker(_worker_id: int) -> None:
     logging.getLogger("cellmap_data").setLevel(logging.ERROR)
 
 
-def loader(samples, batch_size: int, num_workers: int, start: int = 0, pin_memory: bool = False):
-    """Batches of ``samples`` from position ``start`` on, in order, from ``num_workers`` spawned workers."""
+def loader(samples, batch_size: int, num_workers: int, start: int = 0, pin_memory: bool = False, shard: tuple[int, int] = (0, 1)):
+    """Batches of ``samples`` from position ``start`` on, in order, from ``num_workers`` spawned workers.
+
+    ``shard = (rank, processes)``: this rank's positions only, ``start + rank`` and every
+    ``processes``-th after it (``batch_size`` is then the rank's share of the batch).
+    """
     from torch.utils.data import DataLoader
 
     import torch
@@ -429,7 +433,7 @@ def loader(samples, batch_size: int, num_workers: int, start: int = 0, pin_memor
     # Its own generator: a DataLoader draws a worker base seed from the global RNG each
     # time it starts iterating, which would make the training RNG depend on the worker
     # count. The samples do not use that seed (see SamplePlan.read).
-    return DataLoader(samples, batch_size=batch_size, sampler=range(start, len(samples)), num_workers=num_workers, collate_fn=collate, pin_memory=pin_memory, generator=torch.Generator().manual_seed(0), **workers)
+    return DataLoader(samples, batch_size=batch_size, sampler=range(start + shard[0], len(samples), shard[1]), num_workers=num_workers, collate_fn=collate, pin_memory=pin_memory, generator=torch.Generator().manual_seed(0), **workers)
 
 
 def finish_batch(batch: dict, plan: SamplePlan, device) -> tuple:
@@ -481,8 +485,8 @@ def _ready(tensors: tuple, side):
     return tensors
 
 
-def default_workers() -> int:
-    """As many loader workers as the cores allow, one core left to the training process."""
+def default_workers(processes: int = 1) -> int:
+    """As many loader workers as a training process's share of the cores allows, one core left to it."""
     from cellmap_repro.determinism import available_cores
 
-    return max(0, min(available_cores() - 1, 16))
+    return max(0, min(available_cores() // processes - 1, 16))
