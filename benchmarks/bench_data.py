@@ -35,7 +35,17 @@ import torch
 from .data import classes as _classes
 model_name = "bench"
 pretrained_checkpoint = None
-model = torch.nn.Conv3d(1, len(_classes), 1)
+class CentreCrop(torch.nn.Module):
+    """Output of setup04's window sizes (216 -> 30) without its cost."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Conv3d(1, len(_classes), 1)
+
+    def forward(self, x):
+        return self.head(x)[:, :, 93:123, 93:123, 93:123]
+
+model = CentreCrop()
 input_array_info = {"shape": (216, 216, 216), "scale": (8.0, 8.0, 8.0)}
 target_array_info = {"shape": (30, 30, 30), "scale": (8.0, 8.0, 8.0)}
 '''

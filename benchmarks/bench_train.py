@@ -4,7 +4,7 @@ Usage (repository root; the tiny crop and synthetic weights are written if missi
 
     .venv/bin/python benchmarks/bench_train.py [--experiment setup_04_all] [--iterations 8]
         [--batch-size 4] [--workers 0 1 2] [--device cpu|cuda] [--augment-device cpu|cuda]
-        [--no-tf32] [--record]
+        [--no-tf32] [--record] [--data-only]
 
 For each worker count, trains a scratch copy of the experiment for one epoch (no
 validation) and reports, over the iterations after the first two (warm-up):
@@ -18,6 +18,9 @@ validation) and reports, over the iterations after the first two (warm-up):
 * the projected wall time of the experiment's full run (epochs x iterations x batch
   samples) at the measured rate, and, from the model's FLOPs per sample
   (``torch.utils.flop_counter``), what the device alone would need at stated rates.
+
+``--data-only`` measures the data path without the model: the samples/s the loader
+delivers with each worker count (what a device could consume at most).
 
 ``--record`` appends the rows to the table in docs/benchmarks.md (between its markers).
 """
@@ -155,6 +158,39 @@ def run_variant(args, workers: int) -> dict:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def data_only(args, workers: int) -> dict:
+    """Samples/s the training data path alone delivers (no model), after the first batch."""
+    from cellmap_repro import data as data_module
+    from cellmap_repro.experiment import load_experiment
+
+    scratch = Path(tempfile.mkdtemp(prefix="bench-data-path-"))
+    try:
+        target = scratch / args.experiment
+        shutil.copytree(REPO / "experiments" / args.experiment, target, ignore=shutil.ignore_patterns("logs", "checkpoints", "__pycache__"))
+        if args.tiny_crop:
+            from cellmap_repro import tiny_crop
+            from cellmap_repro.datasplit import write_datasplit
+
+            classes = load_experiment(args.experiment, scratch, parts=("data",)).classes
+            write_datasplit(target / "datasplit.csv", tiny_crop.datasplit_rows(Path(os.environ["CELLMAP_REPRO_DATA"]) / tiny_crop.DATASET / f"{tiny_crop.DATASET}.zarr", classes))
+        training = data_module.build(load_experiment(args.experiment, scratch, parts=("data",)))
+        per_run = (args.iterations + 1) * args.batch_size
+        samples = data_module.RunSamples(training.train, 0, per_run, per_run, training.crop_weights())
+        sampler = Sampler()
+        sampler.start()
+        batches = iter(data_module.loader(samples, args.batch_size, workers))
+        next(batches)  # worker start-up
+        started = time.perf_counter()
+        for _ in range(args.iterations):
+            next(batches)
+        elapsed = time.perf_counter() - started
+        sampler.done.set()
+        sampler.join()
+        return {"workers": workers, "samples_per_second": args.iterations * args.batch_size / elapsed, "peak_host_rss_gb": sampler.peak_rss / 1e9}
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def flops_per_sample(experiment: str) -> dict:
     """Forward FLOPs of the frozen part and forward+backward of the trainable part, one sample."""
     import torch
@@ -219,6 +255,7 @@ def main() -> None:
     parser.add_argument("--no-tf32", action="store_true")
     parser.add_argument("--data", default=str(REPO / "data"), help="data root (default ./data)")
     parser.add_argument("--real-data", dest="tiny_crop", action="store_false", help="use the experiment's own datasplit instead of the tiny crop")
+    parser.add_argument("--data-only", action="store_true", help="measure the data path alone (no model): samples/s per worker count")
     parser.add_argument("--record", action="store_true", help="append the rows to docs/benchmarks.md")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -226,6 +263,11 @@ def main() -> None:
     os.environ["CELLMAP_REPRO_DATA"] = str(Path(args.data).absolute())
     if args.tiny_crop:
         ensure_data(Path(args.data))
+    if args.data_only:
+        where = hardware("cpu")
+        for figure in (data_only(args, workers) for workers in args.workers):
+            print(f"| {args.experiment} data path only | {where} | batch {args.batch_size} | {figure['workers']} workers | {figure['samples_per_second']:.2f} samples/s | peak RSS {figure['peak_host_rss_gb']:.1f} GB |")
+        return
     figures = [run_variant(args, workers) for workers in args.workers]
     flops = flops_per_sample(args.experiment)
     header = [
