@@ -1,7 +1,7 @@
 """Time the current scoring of one 4 nm crop of 400^3 voxels with 10 instance classes.
 
 Usage: .venv/bin/python benchmarks/bench_evaluate.py [--size 400] [--classes 10] [--objects 25]
-       [--scoring current|legacy] [--end-to-end]
+       [--scoring current|legacy] [--end-to-end | --submission]
 
 Truth: per class, ``objects`` random spheres; prediction: the same spheres shifted by
 one voxel, one dropped and one spurious sphere added (so matching, Hausdorff and the
@@ -10,7 +10,9 @@ false positive/negative paths all run). Prints seconds per class and in total.
 By default only the metric is timed. ``--end-to-end`` writes the crop as the pipeline
 lays it out (truth at 4 nm, processed predictions at 8 nm, as setup_04_all predicts) in a
 scratch folder and times ``evaluate_experiment``: zarr reads, resampling to the 4 nm
-grid, scoring and the JSON/Markdown/PNG outputs.
+grid, scoring and the JSON/Markdown/PNG outputs. ``--submission`` writes the truth as a
+zarr and the predictions (at 8 nm) as a submission zip and times ``evaluate --submission``
+in the default exact mode and with ``--leaderboard``, side by side.
 """
 
 from __future__ import annotations
@@ -97,11 +99,50 @@ def end_to_end(args) -> None:
             write_level(processed / name, pred[::2, ::2, ::2], (8.0,) * 3, (4.0,) * 3, name)
         experiment = root / "experiments" / "bench"
         experiment.mkdir(parents=True)
+        # evaluate reads the datasplit that data.py names: a minimal experiment folder
+        (experiment / "__init__.py").write_text("")
+        (experiment / "data.py").write_text(f"classes = {classes!r}\n")
         write_datasplit(experiment / "datasplit.csv", [DatasplitRow("validate", str(container), "recon-1/em/fibsem-uint8", str(container), "recon-1/labels/groundtruth/crop1", classes)])
         start = time.perf_counter()
         result = evaluate_experiment(experiment, root / "data", scoring=args.scoring, progress=False)
         elapsed = time.perf_counter() - start
     print(f"end to end: {elapsed:.1f} s for {len(classes)} instance classes on {args.size}^3 voxels ({args.scoring} scoring; overall instance score {result['overall_instance_score']:.3f})")
+
+
+def submission(args) -> None:
+    """Exact and --leaderboard scoring of one submission zip side by side (same crop, same run)."""
+    import zipfile
+
+    import zarr
+
+    from cellmap_repro.evaluate import evaluate_submission
+
+    rng = np.random.default_rng(0)
+    classes = INSTANCE_CLASSES[: args.classes]
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        truth_root = zarr.open_group(str(root / "truth.zarr"), mode="w")
+        made = root / "made"
+        for name in classes:
+            truth, pred = class_volumes(rng, args.size, args.objects)
+            truth_root.require_group("crop1").create_dataset(name, data=truth, chunks=(64, 64, 64)).attrs.update({"voxel_size": [4.0] * 3, "translation": [2.0] * 3})
+            # submitted at 8 nm, so both modes resample (the toolbox with its rescale)
+            array = zarr.open_array(str(made / "crop1" / name), mode="w", shape=pred[::2, ::2, ::2].shape, dtype=pred.dtype, chunks=(64, 64, 64))
+            array[:] = pred[::2, ::2, ::2]
+            array.attrs.update({"voxel_size": [8.0] * 3, "translation": [4.0] * 3})
+        with zipfile.ZipFile(root / "sub.zip", "w") as archive:
+            for file in sorted(made.rglob("*")):
+                if file.is_file():
+                    archive.write(file, file.relative_to(made).as_posix())
+        times = {}
+        # a first run pays for imports (matplotlib, OR-Tools) and cold caches: not counted
+        evaluate_submission(root / "sub.zip", root / "truth.zarr", root / "warm-up", progress=False)
+        for leaderboard in (False, True):
+            start = time.perf_counter()
+            result = evaluate_submission(root / "sub.zip", root / "truth.zarr", root / f"out-{leaderboard}", leaderboard=leaderboard, progress=False)
+            times[leaderboard] = time.perf_counter() - start
+            print(f"{'leaderboard' if leaderboard else 'exact'}: {times[leaderboard]:.1f} s, overall instance score {result['overall_instance_score']:.4f} ({result['matching']})")
+    print(f"leaderboard / exact time: {times[True] / times[False]:.2f} for {len(classes)} instance classes on {args.size}^3 voxels")
 
 
 def main() -> None:
@@ -111,8 +152,12 @@ def main() -> None:
     parser.add_argument("--objects", type=int, default=25)
     parser.add_argument("--scoring", choices=["current", "legacy"], default="current")
     parser.add_argument("--end-to-end", action="store_true")
+    parser.add_argument("--submission", action="store_true", help="time evaluate --submission, exact and --leaderboard, on one zip")
     args = parser.parse_args()
-    end_to_end(args) if args.end_to_end else metric_only(args)
+    if args.submission:
+        submission(args)
+    else:
+        end_to_end(args) if args.end_to_end else metric_only(args)
 
 
 if __name__ == "__main__":

@@ -62,7 +62,8 @@ OUTPUT_FOLDERS = (
     re.compile(r"^data/submissions(/|$)"),
     re.compile(r"^data/fetched(/|$)"),  # the fetch case's data root
 )
-PROGRESS_LINE = re.compile(r"\d+%\||\|\s*\d+/\d+ \[")
+# tqdm bars: with a total ("40%|", "| 3/8 [") or without ("0.00B [00:00, ?B/s]")
+PROGRESS_LINE = re.compile(r"\d+%\||\|\s*\d+/\d+ \[|\[\d+:\d+(:\d+)?, [^\]]*/s\]$")
 VERDICTS = ("clear", "traceback", "wrong success", "unclear")
 # The steps of writing a file that a crash or a full disk can fall between.
 WRITE_STEPS = ("fsync", "replace", "rename")

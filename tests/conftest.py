@@ -73,30 +73,22 @@ def cli(*args: str, env: dict | None = None, cwd: Path | None = None, check: boo
 
 # ---------------------------------------------------------------- the bad-input battery's counts
 
-# case id -> {"verdict", "line", "lost", "outside", "owner"}, filled by tests/test_battery.py
+# case id -> {"verdict", "line", "lost", "outside"}, filled by tests/test_battery.py
 BATTERY: dict[str, dict] = {}
 
 
 def battery_counts() -> dict:
-    ours = [r for r in BATTERY.values() if not r["owner"]]
-    owned = [r for r in BATTERY.values() if r["owner"]]
-
-    def tally(records):
-        return {
-            "tried": len(records),
-            "clear": sum(r["verdict"] == "clear" for r in records),
-            "tracebacks": sum(r["verdict"] == "traceback" for r in records),
-            "wrong successes": sum(r["verdict"] == "wrong success" for r in records),
-            "unclear": sum(r["verdict"] == "unclear" for r in records),
-            "lost outputs": sum(bool(r["lost"]) for r in records),
-            "outside writes": sum(bool(r["outside"]) for r in records),
-        }
-
-    counts = tally(ours)
-    text = "bad-input battery: " + ", ".join(f"{k} {v}" for k, v in counts.items())
-    if owned:
-        text += "\n  owned by other branches (strict xfail): " + ", ".join(f"{k} {v}" for k, v in tally(owned).items())
-    return {**counts, "text": text}
+    records = list(BATTERY.values())
+    counts = {
+        "tried": len(records),
+        "clear": sum(r["verdict"] == "clear" for r in records),
+        "tracebacks": sum(r["verdict"] == "traceback" for r in records),
+        "wrong successes": sum(r["verdict"] == "wrong success" for r in records),
+        "unclear": sum(r["verdict"] == "unclear" for r in records),
+        "lost outputs": sum(bool(r["lost"]) for r in records),
+        "outside writes": sum(bool(r["outside"]) for r in records),
+    }
+    return {**counts, "text": "bad-input battery: " + ", ".join(f"{k} {v}" for k, v in counts.items())}
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -111,7 +111,7 @@ def test_a_bug_is_one_line_and_the_traceback_is_one_variable_away(monkeypatch, c
         raise KeyError("surprise")
 
     parser = cli.build_parser()
-    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    monkeypatch.setattr(cli, "build_parser", lambda *stage: parser)
     parser._subparsers._group_actions[0].choices["unite-logs"].set_defaults(func=broken)
     monkeypatch.delenv(cli.TRACEBACK_ENV, raising=False)
     assert cli.main(["unite-logs"]) == cli.EXIT_BUG

@@ -141,3 +141,27 @@ def test_epoch_draws_follow_the_crop_weights():
     assert abs(in_first - 0.5) < 0.02
     assert draws.min() >= 0 and draws.max() < 1010
     assert np.array_equal(draws, data.epoch_indices(3, 0, 20000, np.array([100.0, 1.0]), sizes))
+
+
+def test_a_frozen_backbone_records_no_autograd_graph():
+    """Only the trainable head keeps tensors for the backward pass (setup_04_all's layout)."""
+    from cellmap_repro.model import conv_head, frozen
+
+    backbone = frozen(torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3), torch.nn.ReLU(), torch.nn.Conv3d(4, 4, 3)))
+    head = torch.nn.Sequential(*conv_head(4, 3, hidden_layers=1))
+    saved = []
+
+    def count(tensor):
+        saved.append(tensor.shape)
+        return tensor
+
+    inputs = torch.rand(1, 1, 12, 12, 12)
+    with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+        head(backbone(inputs)).sum().backward()
+    with_backbone = list(saved)
+    saved.clear()
+    features = backbone(inputs)
+    with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+        head(features).sum().backward()
+    assert with_backbone == saved and saved, "the frozen backbone must add nothing to the graph"
+    assert all(p.grad is None for p in backbone.parameters())

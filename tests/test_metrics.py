@@ -255,3 +255,129 @@ def test_upsampling_keeps_the_border_voxels():
     assert metrics.covers((8, 8, 8), (800, 800, 800), (3, 3, 3), (4, 4, 4), (798, 798, 798), (7, 6, 6))
     assert not metrics.covers((8, 8, 8), (800, 800, 800), (3, 3, 3), (4, 4, 4), (798, 798, 798), (8, 6, 6))
     assert not metrics.covers((8, 8, 8), (800, 800, 800), (3, 3, 3), (4, 4, 4), (790, 798, 798), (6, 6, 6))
+
+
+# ---------------------------------------------------------------- the leaderboard's rules (toolbox 6b9ad68)
+# Expected values are worked out from the toolbox's published source (matched_crop.py,
+# instance_matching.py) and scikit-image's documented rescale, not by running them.
+
+
+def gaussian_weights(sigma):
+    """scipy's truncated Gaussian (4 sigma), normalised: weight at offsets 0, 1, 2, ..."""
+    radius = int(4 * sigma + 0.5)
+    w = np.exp(-np.arange(-radius, radius + 1) ** 2 / (2 * sigma**2))
+    return (w / w.sum())[radius:]
+
+
+def test_leaderboard_downsampling_anti_aliases_a_thin_sheet_away():
+    # 1 nm along z onto 4 nm: factor 1/4, so sigma = (4 - 1)/2 = 1.5 along z only. A sheet
+    # two voxels thick (z = 5, 6) falls on the 4 nm voxel 1, sampled at z = 5.5 (grid mode).
+    pred = np.zeros((12, 3, 3), np.uint8)
+    pred[5:7] = 1
+    w = gaussian_weights(1.5)
+    smoothed = w[0] + w[1]  # at z = 5 and 6 alike: itself and its neighbour in the sheet
+    assert smoothed == pytest.approx(0.4789, abs=1e-4)
+    values = metrics.toolbox_rescale(pred, (0.25, 1, 1), order=1)
+    assert values.shape == (3, 3, 3) and values[1, 1, 1] == pytest.approx(smoothed)
+    board = metrics.toolbox_align(pred, (1, 4, 4), (0, 0, 0), (3, 3, 3), (4, 4, 4), (1.5, 0, 0), instance=False)
+    assert not board.any()  # 0.479 < 0.5: the sheet is gone on the leaderboard
+    exact = metrics.resample_to(pred, (1, 4, 4), (0, 0, 0), (3, 3, 3), (4, 4, 4), (1.5, 0, 0), instance=False)
+    assert exact[1].all() and not exact[[0, 2]].any()  # exact geometry keeps it (plain linear: 1.0)
+
+
+def test_leaderboard_upsampling_clips_to_the_inputs_range():
+    # All-foreground 8 nm mask onto 4 nm: corners blend with the zero outside to 0.42, but
+    # rescale clips to the input's range [1, 1] (0 is added only if the output reaches 0).
+    ones = np.ones((3, 3, 3), bool)
+    board = metrics.toolbox_align(ones, (8, 8, 8), (800, 800, 800), (6, 6, 6), (4, 4, 4), (798, 798, 798), instance=False)
+    assert board.all()
+    exact = metrics.resample_to(ones, (8, 8, 8), (800, 800, 800), (6, 6, 6), (4, 4, 4), (798, 798, 798), instance=False)
+    assert exact.sum() == 6**3 - 8  # the corners (0.421875) drop out
+    # with one background voxel the range is [0, 1] already: no clipping, corners drop out again
+    holed = ones.copy()
+    holed[1, 1, 1] = False
+    corner = metrics.toolbox_align(holed, (8, 8, 8), (800, 800, 800), (6, 6, 6), (4, 4, 4), (798, 798, 798), instance=False)
+    assert not corner[0, 0, 0] and not corner[5, 5, 5]
+
+
+@pytest.mark.parametrize(
+    "translation, target, toolbox, exact",
+    [
+        (6.0, 2.0, 0, -1),  # half-voxel crop: snapped 4 is 2 nm off, truncated to 0 voxels
+        (10.0, 2.0, 1, -2),  # snapped 8, 6 nm off: 1 voxel, one short of the exact 2
+        (5.0, 2.0, 0, -1),  # off the lattice: snapped 4
+        (-4.0, 0.0, -1, 1),  # on the lattice: the two agree (opposite sign conventions)
+        (-6.0, 2.0, -2, 2),  # snapped -8, 10 nm off: 2 voxels, as exact
+    ],
+)
+def test_leaderboard_translation_is_floor_snapped(translation, target, toolbox, exact):
+    assert metrics.toolbox_offset((translation,) * 3, (4.0,) * 3, (target,) * 3).tolist() == [toolbox] * 3
+    # exact: the prediction voxel that lands on crop voxel 0 (resample_to's offset)
+    assert (target - translation) / 4.0 == pytest.approx(exact, abs=0.5)
+    pred = np.zeros((6, 6, 6), np.uint16)
+    pred[2, 2, 2] = 7
+    placed = metrics.toolbox_align(pred, (4, 4, 4), (translation,) * 3, (6, 6, 6), (4, 4, 4), (target,) * 3, instance=True)
+    assert placed[(2 + toolbox,) * 3] == 7 and placed.sum() == 7
+
+
+def test_leaderboard_without_metadata_pads_or_crops_at_the_centre():
+    pred = np.arange(1, 4**3 + 1, dtype=np.uint16).reshape(4, 4, 4)
+    padded = metrics.toolbox_align(pred, None, None, (6, 6, 6), (4, 4, 4), (798, 798, 798), instance=True)
+    assert np.array_equal(padded[1:5, 1:5, 1:5], pred) and padded.sum() == pred.sum()
+    cropped = metrics.toolbox_align(pred, None, None, (2, 2, 2), (4, 4, 4), (798, 798, 798), instance=True)
+    assert np.array_equal(cropped, pred[1:3, 1:3, 1:3])
+    # no translation, known voxel size: not shifted at all
+    assert np.array_equal(metrics.toolbox_align(pred, (4, 4, 4), None, (4, 4, 4), (4, 4, 4), (798, 798, 798), instance=True), pred)
+
+
+def test_leaderboard_large_sources_are_resampled_cube_by_cube(monkeypatch):
+    # Cubes of 3 along z at factor 1/2: each becomes round(1.5) = 2 voxels, sampled at 0.25
+    # and 1.75 (nearest: its first and last), placed at int(start/2): the second cube lands
+    # at 1 and overwrites the first cube's second voxel. Ids 1..6 along z give [1, 4, 6].
+    monkeypatch.setattr(metrics, "CHUNK_EDGE", 3)
+    pred = np.broadcast_to(np.arange(1, 7, dtype=np.uint16)[:, None, None], (6, 2, 2)).copy()
+    out = metrics.toolbox_resample_chunked(pred, (0.5, 1, 1), instance=True)
+    assert out[:, 0, 0].tolist() == [1, 4, 6]
+
+
+def test_flow_network_is_built_like_the_toolboxs():
+    # 2 truth ids, 2 components; overlaps (truth 1, comp 2) IoU .5 and (truth 2, comp 1) IoU 1
+    tails, heads, caps, costs = metrics.flow_arcs(2, 2, [0, 1], [1, 0], np.array([0.5, 1.0], np.float32))
+    assert tails.tolist() == [0, 0, 1, 2, 1, 2, 3, 4]  # source->truth, truth->sink, truth->comp, comp->sink
+    assert heads.tolist() == [1, 2, 5, 5, 4, 3, 5, 5]
+    assert costs.tolist() == [0, 0, 1_000_001, 1_000_001, 500_000, 0, 0, 0]
+    assert caps.tolist() == [1] * 8
+
+
+def test_ortools_matching_is_optimal_and_maps_sparse_truth_ids():
+    pytest.importorskip("ortools")
+    # truth ids 2 and 5 (3 and 4 absent still get nodes, as in the toolbox); same volumes as
+    # test_one_instance_split_in_two plus a second, exactly copied object
+    truth = box((10, 10, 10), np.s_[2:6, 2:6, 0:8], value=0).astype(np.uint32) * 2
+    truth[7:9, 7:9, 7:9] = 5
+    pred = (truth > 0).astype(np.uint8)
+    pred[2:6, 2:6, 4] = 0  # split the first object in two
+    scipy_counts = metrics.instance_counts(truth, pred, VOXEL)
+    ortools_counts = metrics.instance_counts(truth, pred, VOXEL, matcher="ortools", float32_distances=True)
+    assert (ortools_counts.tp, ortools_counts.fp, ortools_counts.fn) == (scipy_counts.tp, scipy_counts.fp, scipy_counts.fn) == (2, 1, 0)
+    assert ortools_counts.distances == pytest.approx(scipy_counts.distances, rel=1e-6)
+    assert all(float(np.float32(d)) == d for d in ortools_counts.distances)
+    # a tie: two truths and two predictions overlapping all four ways equally; both matchings cost
+    # the same, OR-Tools picks one of them, always the same one
+    rows, cols, iou = np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1]), np.full(4, 0.25, np.float32)
+    first = metrics.ortools_matching(2, 2, rows, cols, iou)
+    assert first in ([(0, 0), (1, 1)], [(0, 1), (1, 0)])
+    assert all(metrics.ortools_matching(2, 2, rows, cols, iou) == first for _ in range(5))
+
+
+def test_toolbox_rescale_equals_scikit_image():
+    transform = pytest.importorskip("skimage.transform")
+    rng = np.random.default_rng(1)
+    for trial in range(60):
+        shape = tuple(rng.integers(3, 14, 3))
+        factors = tuple(rng.choice([0.25, 1 / 3, 0.5, 0.8, 1.0, 1.25, 2.0, 3.0], 3))
+        image = [rng.random(shape) > 0.6, (rng.random(shape) > 0.5).astype(np.uint8), rng.integers(0, 7, shape).astype(np.uint32)][trial % 3]
+        image = image.astype(np.float32) if image.dtype == bool else image
+        order = 0 if image.dtype == np.uint32 else 1
+        expected = transform.rescale(image, factors, order=order, mode="constant", preserve_range=True)
+        assert np.array_equal(metrics.toolbox_rescale(image, factors, order), expected)

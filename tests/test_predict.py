@@ -1,5 +1,6 @@
 """predict and process on the fast experiment: test-crop manifests, resume, skip when up to date."""
 
+import re
 import shutil
 
 import numpy as np
@@ -71,3 +72,23 @@ def test_interrupted_prediction_resumes_tile_by_tile(fast_experiment, tiny_datas
     tiles = 2 * 2 * 2  # 48 voxels per axis in tiles of the smallest output, 32
     assert len(calls) == tiles - 4, "only the tiles not finished before the interruption are predicted"
     assert np.array_equal(zarr.open_array(str(crop / "mito" / "s0"), mode="r")[:], expected)
+
+
+def test_batched_tiles_predict_what_single_tiles_do(fast_experiment, tmp_path):
+    train.train("fast", overrides=train.Overrides(epochs=1, iterations_per_epoch=1, batch_size=1, validation_batches=0), progress=False)
+    single = predict.predict("fast", data_root=tmp_path / "one", progress=False, batch_size=1)
+    batched = predict.predict("fast", data_root=tmp_path / "three", progress=False, batch_size=3)
+    for name in ("ecs", "mito", "nuc"):
+        one = zarr.open_array(str(single / "jrc_tiny-1.zarr" / "crop3" / name / "s0"), mode="r")[:]
+        three = zarr.open_array(str(batched / "jrc_tiny-1.zarr" / "crop3" / name / "s0"), mode="r")[:]
+        assert one.shape == (48, 48, 48) and np.allclose(one, three, atol=1e-5)
+
+
+@pytest.mark.parametrize("dataset", ["../elsewhere", "/tmp/elsewhere", "jrc_tiny-1/../../elsewhere", "a\\..\\..\\b"])
+def test_a_test_manifest_dataset_outside_the_data_root_is_refused(tmp_path, dataset):
+    from cellmap_repro.errors import ReproError
+
+    manifest = tmp_path / "test_crop_manifest.csv"
+    manifest.write_text(f"crop_name,dataset,class_label,voxel_size,translation,shape\n3,{dataset},ecs,[4;4;4],[798;862;814],[96;96;96]\n")
+    with pytest.raises(ReproError, match=re.escape(f"{manifest}: crop 3 dataset {dataset!r}") + " is not a (plain name|path) inside"):
+        predict.targets_from_manifest(manifest, tmp_path / "data")

@@ -12,6 +12,12 @@ Hausdorff, crop-volume-weighted class means, empty/empty IoU = 1, ratio cutoff 5
 
 Both reproduce the toolbox's quirks where they change a score, each marked "as the toolbox
 does" below, so that figures here can be compared with the leaderboard's.
+
+Geometry has two modes. The default (``resample_to``) maps voxel centres exactly. The
+leaderboard's (``toolbox_align``, ``--leaderboard``) is the toolbox's own at commit
+``TOOLBOX_COMMIT``: ``skimage.transform.rescale`` (anti-aliased when shrinking, clipped to the
+input's range), floor-snapped translations, centre pad/crop when the voxel size is unknown,
+and its instance matching by OR-Tools min-cost flow on the same arcs (``ortools_matching``).
 """
 
 from __future__ import annotations
@@ -28,6 +34,18 @@ from scipy.sparse.csgraph import connected_components
 MATCH_SCALE = 1_000_000
 MAX_OVERLAP_PAIRS = 5_000_000
 LEGACY_RATIO_CUTOFF = 50.0
+
+TOOLBOX_REPOSITORY = "janelia-cellmap/cellmap-segmentation-challenge"
+TOOLBOX_COMMIT = "6b9ad68"  # the evaluator that current scoring and --leaderboard follow
+LEGACY_COMMIT = "6b5a29d"  # the 2025-04 release that --scoring legacy follows
+# The toolbox refuses a source more than 16³ times larger than the crop, and resamples a
+# source over 500 MB (counted as float32) in cubes of ⌊(100 MiB / 4 B)^⅓⌋ = 297 voxels.
+MAX_VOLUME_RATIO = 16.0**3
+CHUNKED_ABOVE_VOXELS = 500 * 1024 * 1024 // 4
+CHUNK_EDGE = max(32, int((100 * 1024 * 1024 / 4) ** (1 / 3)))
+# Beyond this many truth ids the toolbox's flow graph (one node per id up to the largest)
+# is not built; matching falls back to scipy.
+MAX_FLOW_TRUTH_NODES = 10_000_000
 
 
 def resample_to(pred: np.ndarray, pred_scale, pred_translation, shape, scale, translation, instance: bool) -> np.ndarray:
@@ -73,6 +91,139 @@ def covers(pred_scale, pred_translation, pred_shape, scale, translation, shape) 
     want_low, want_high = extent(scale, translation, shape)
     slack = np.asarray(pred_scale, float) / 2
     return bool(np.all(low - slack <= want_low) and np.all(high + slack >= want_high))
+
+
+def aligned_translation(pred_scale, shape, scale, translation) -> tuple[float, ...]:
+    """A prediction without a translation starts where the crop starts: box corners aligned."""
+    low = np.asarray(translation, float) - np.asarray(scale, float) / 2
+    return tuple((low + np.asarray(pred_scale, float) / 2).tolist())
+
+
+def centre_pad_crop(image: np.ndarray, shape) -> np.ndarray:
+    """Pad with 0 or crop, centred, to ``shape``: the toolbox's guess when a voxel size is unknown."""
+    pads = [((t - s) // 2, t - s - (t - s) // 2) if s < t else (0, 0) for s, t in zip(image.shape, shape)]
+    if any(p for pair in pads for p in pair):
+        image = np.pad(image, pads, mode="constant", constant_values=0)
+    starts = [(s - t) // 2 if s > t else 0 for s, t in zip(image.shape, shape)]
+    return image[tuple(slice(a, a + t) for a, t in zip(starts, shape))]
+
+
+# ---------------------------------------------------------------- the leaderboard's geometry
+
+
+def toolbox_rescale(image: np.ndarray, factors, order: int) -> np.ndarray:
+    """``skimage.transform.rescale(image, factors, order, mode="constant", preserve_range=True)``.
+
+    As scikit-image documents and does: the output shape is round(factor · shape), at least
+    1; unless the input is bool, or integer with order 0, shrinking any axis first smooths
+    with a Gaussian of sigma = max(0, (in/out − 1)/2) per axis (0 outside); then
+    ``ndimage.zoom`` in grid mode (voxel boxes, not centres, span the same extent; 0 outside);
+    last, values are clipped to the input's range, widened to 0 only where the output
+    reaches 0. So an all-foreground mask stays all foreground, border blending included.
+    """
+    shape_in = np.array(image.shape)
+    shape_out = np.maximum(np.round(np.asarray(factors, float) * shape_in), 1).astype(int)
+    source_type = image.dtype
+    if source_type == np.float16:
+        image = image.astype(np.float32)
+    smooth = source_type != bool and not (np.issubdtype(source_type, np.integer) and order == 0) and bool(np.any(shape_out < shape_in))
+    if order > 0 and image.dtype.char not in "df":
+        image = image.astype(np.float64)
+    ratio = shape_in / shape_out
+    filtered = ndimage.gaussian_filter(image, np.maximum(0, (ratio - 1) / 2), mode="grid-constant", cval=0) if smooth else image
+    out = ndimage.zoom(filtered, 1 / ratio, order=order, mode="grid-constant", cval=0, grid_mode=True)
+    lowest, highest = (np.nanmin, np.nanmax) if np.isnan(np.min(image)) else (np.min, np.max)
+    low, high = lowest(image), highest(image)
+    if not low <= 0 <= high and lowest(out) <= 0 <= highest(out):
+        low, high = min(low, image.dtype.type(0)), max(high, image.dtype.type(0))
+    np.clip(out, np.asarray(low), np.asarray(high), out=out)
+    return out
+
+
+def toolbox_resample(image: np.ndarray, factors, instance: bool) -> np.ndarray:
+    """The toolbox's resampling of one array: nearest ids, or linear then > 0.5."""
+    if instance:
+        return toolbox_rescale(image, factors, 0).astype(image.dtype)
+    if image.dtype == bool:
+        image = image.astype(np.float32)
+    return toolbox_rescale(image, factors, 1) > 0.5
+
+
+def toolbox_resample_chunked(array, factors, instance: bool) -> np.ndarray:
+    """A large source resampled cube by cube, each on its own, as the toolbox does above 500 MB.
+
+    Each cube of ``CHUNK_EDGE`` voxels is rescaled alone (so smoothing and clipping stop at
+    its faces) and placed at ⌊start · factor⌋; masks are thresholded once at the end.
+    """
+    factors = np.asarray(factors, float)
+    shape_out = tuple(max(1, int(np.round(s * f))) for s, f in zip(array.shape, factors))
+    output = np.zeros(shape_out, dtype=array.dtype if instance else np.float32)
+    for start in np.ndindex(*(math.ceil(s / CHUNK_EDGE) for s in array.shape)):
+        low = [i * CHUNK_EDGE for i in start]
+        chunk = array[tuple(slice(a, min(a + CHUNK_EDGE, s)) for a, s in zip(low, array.shape))]
+        if instance:
+            small = toolbox_rescale(chunk, factors, 0).astype(chunk.dtype)
+        else:
+            small = toolbox_rescale(chunk.astype(np.float32) if chunk.dtype == bool else chunk, factors, 1)
+        at = [int(a * f) for a, f in zip(low, factors)]
+        size = [min(a + n, s) - a for a, n, s in zip(at, small.shape, shape_out)]
+        output[tuple(slice(a, a + n) for a, n in zip(at, size))] = small[tuple(slice(0, n) for n in size)]
+    return output if instance else output > 0.5
+
+
+def toolbox_offset(translation, scale, target_translation) -> np.ndarray:
+    """Whole-voxel shift of a prediction on the crop grid, as the toolbox computes it.
+
+    The prediction's translation is floor-snapped to the crop's voxel size, and the distance
+    to the crop's (unsnapped) translation is truncated toward zero in whole voxels; so a crop
+    at a half-voxel translation can see a prediction one voxel away from where it belongs.
+    """
+    scale = np.asarray(scale, float)
+    target = np.asarray(target_translation, float)
+    difference = (np.asarray(translation, float) // scale) * scale - target
+    return ((np.abs(difference) // scale) * np.sign(difference)).astype(int)
+
+
+def toolbox_place(image: np.ndarray, offset, shape) -> np.ndarray:
+    """``image`` shifted by ``offset`` voxels onto a zero grid of ``shape`` (the toolbox's crop/pad)."""
+    offset = np.asarray(offset, int)
+    shape = tuple(int(s) for s in shape)
+    if not offset.any() and image.shape == shape:
+        return image
+    result = np.zeros(shape, dtype=image.dtype)
+    source, target = [], []
+    for shift, have, want in zip(offset, image.shape, shape):
+        first = max(-shift, 0)
+        at = max(shift, 0)
+        length = min(want - at, have - first)
+        if length <= 0:
+            return result
+        source.append(slice(first, first + length))
+        target.append(slice(at, at + length))
+    result[tuple(target)] = image[tuple(source)]
+    return result
+
+
+def toolbox_align(image: np.ndarray, voxel_size, translation, shape, scale, target_translation, instance: bool, resampled: bool = False) -> np.ndarray:
+    """A prediction on the crop grid as the toolbox's ``MatchedCrop.load_aligned`` puts it.
+
+    ``voxel_size`` or ``translation`` may be None (missing metadata): without a voxel size the
+    array is centre padded/cropped to the crop's shape, without a translation it is not
+    shifted. ``resampled``: already brought to the crop's voxel size (the chunked path).
+    Masks come back as they were when not resampled (scored as > 0), else as booleans.
+    """
+    scale = np.asarray(scale, float)
+    shape = tuple(int(s) for s in shape)
+    if not resampled and voxel_size is not None:
+        voxel_size = np.asarray(voxel_size, float)[-len(scale):]
+        if not np.allclose(voxel_size, scale):
+            image = toolbox_resample(image, voxel_size / scale, instance)
+    elif not resampled and image.shape != shape:
+        image = centre_pad_crop(image, shape)
+    if translation is None:
+        return toolbox_place(image, np.zeros(len(shape), int), shape)
+    offset = toolbox_offset(np.asarray(translation, float)[-len(scale):], scale, target_translation)
+    return toolbox_place(image, offset, shape)
 
 
 # ---------------------------------------------------------------- semantic
@@ -221,6 +372,59 @@ def optimal_matching(n_truth: int, n_pred: int, rows, cols, iou) -> list[tuple[i
     return sorted(matches)
 
 
+def ortools_version() -> str | None:
+    """The installed OR-Tools' version, or None: it is an optional extra (``leaderboard``)."""
+    try:
+        from ortools.graph.python import min_cost_flow  # noqa: F401
+        import ortools
+    except ImportError:
+        return None
+    return str(getattr(ortools, "__version__", "unknown"))
+
+
+def flow_arcs(n_truth_nodes: int, n_pred: int, truth_rows, pred_cols, iou):
+    """The toolbox's flow network, arcs in its order: (tails, heads, capacities, costs).
+
+    Node 0 is the source, 1..n_truth_nodes one per truth id up to the largest (absent ids
+    included), then one per predicted component, then the sink. Arcs: source → each truth
+    (cost 0), each truth → sink (unmatched, 10⁶ + 1), truth → prediction for every
+    overlapping pair sorted by (truth id, component) at ⌊(1 − IoU)·10⁶⌋, each prediction →
+    sink (0). All capacities 1. OR-Tools breaks ties by this order, so it must be kept.
+    """
+    truth_rows = np.asarray(truth_rows, np.int64)
+    pred_cols = np.asarray(pred_cols, np.int64)
+    truth = 1 + np.arange(n_truth_nodes, dtype=np.int64)
+    pred = 1 + n_truth_nodes + np.arange(n_pred, dtype=np.int64)
+    sink = 1 + n_truth_nodes + n_pred
+    tails = np.concatenate([np.zeros(n_truth_nodes, np.int64), truth, 1 + truth_rows, pred])
+    heads = np.concatenate([truth, np.full(n_truth_nodes, sink), 1 + n_truth_nodes + pred_cols, np.full(n_pred, sink)])
+    costs = np.concatenate([np.zeros(n_truth_nodes, np.int64), np.full(n_truth_nodes, MATCH_SCALE + 1), matching_costs(np.asarray(iou)), np.zeros(n_pred, np.int64)])
+    return tails, heads, np.ones(len(tails), np.int64), costs
+
+
+def ortools_matching(n_truth_nodes: int, n_pred: int, truth_rows, pred_cols, iou) -> list[tuple[int, int]]:
+    """(truth row, prediction column) pairs of OR-Tools' min-cost flow on the toolbox's network."""
+    from ortools.graph.python import min_cost_flow
+
+    if n_truth_nodes == 0 or n_pred == 0 or len(truth_rows) == 0:
+        return []
+    tails, heads, capacities, costs = flow_arcs(n_truth_nodes, n_pred, truth_rows, pred_cols, iou)
+    solver = min_cost_flow.SimpleMinCostFlow()
+    solver.add_arcs_with_capacity_and_unit_cost(tails.astype(np.int32), heads.astype(np.int32), capacities, costs)
+    solver.set_node_supply(0, n_truth_nodes)
+    solver.set_node_supply(1 + n_truth_nodes + n_pred, -n_truth_nodes)
+    status = solver.solve()
+    if status != solver.OPTIMAL:
+        raise RuntimeError(f"OR-Tools min-cost flow ended with status {status}")
+    first_pred = 1 + n_truth_nodes
+    pairs = []
+    for arc in range(solver.num_arcs()):
+        tail, head = solver.tail(arc), solver.head(arc)
+        if solver.flow(arc) == 1 and 1 <= tail < first_pred <= head < first_pred + n_pred:
+            pairs.append((tail - 1, head - first_pred))
+    return sorted(pairs)
+
+
 def hausdorff(a: np.ndarray, b: np.ndarray, voxel_size) -> float:
     """Symmetric Hausdorff distance (nm) between two boolean masks; inf if either is empty."""
     if not a.any() or not b.any():
@@ -262,8 +466,21 @@ def _renumber(volume: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return _ranks(ids, volume)
 
 
-def instance_counts(truth: np.ndarray, pred: np.ndarray | None, voxel_size, connectivity: int = 26) -> InstanceCounts:
-    """tp/fp/fn and normalised Hausdorff scores of one crop (current scoring)."""
+def _match(n_truth: int, truth_ids: np.ndarray, n_pred: int, rows, cols, iou, matcher: str) -> list[tuple[int, int]]:
+    """Matched (truth index, prediction index) pairs; ``matcher`` "ortools" builds the toolbox's graph."""
+    if matcher == "ortools" and n_truth and int(truth_ids[-1]) <= MAX_FLOW_TRUTH_NODES:
+        pairs = ortools_matching(int(truth_ids[-1]), n_pred, truth_ids[rows] - 1, cols, iou)
+        return sorted((int(np.searchsorted(truth_ids, t + 1)), p) for t, p in pairs)
+    return optimal_matching(n_truth, n_pred, rows, cols, iou)
+
+
+def instance_counts(truth: np.ndarray, pred: np.ndarray | None, voxel_size, connectivity: int = 26, matcher: str = "scipy", float32_distances: bool = False) -> InstanceCounts:
+    """tp/fp/fn and normalised Hausdorff scores of one crop (current scoring).
+
+    ``matcher``: "scipy" (exact optimum, per overlap component) or "ortools" (the toolbox's
+    own solver and graph, so that ties between equally cheap matchings fall the same way).
+    ``float32_distances``: keep distances as the toolbox stores them (float32).
+    """
     voxel_size = tuple(float(v) for v in voxel_size)
     truth_ids = np.unique(truth[truth > 0])
     n_truth = len(truth_ids)
@@ -281,7 +498,7 @@ def instance_counts(truth: np.ndarray, pred: np.ndarray | None, voxel_size, conn
     _, pred_ids, rows, cols, iou = overlap_table(truth, pred)
     if len(rows) > MAX_OVERLAP_PAIRS:
         return InstanceCounts(skipped=f"too many overlapping pairs ({len(rows)})")
-    matches = optimal_matching(n_truth, len(pred_ids), rows, cols, iou)
+    matches = _match(n_truth, truth_ids, len(pred_ids), rows, cols, iou, matcher)
 
     # The toolbox relabels matched predictions to their truth id and leaves every other
     # component's id as it is (fastremap, preserve_missing_labels), so an unmatched
@@ -305,6 +522,8 @@ def instance_counts(truth: np.ndarray, pred: np.ndarray | None, voxel_size, conn
         distances.append(min(hausdorff(truth_dense[box] == k, pred_dense[box] == k, voxel_size), d_max))
     tp = len(matches)
     distances += [d_max] * (n_pred - tp)
+    if float32_distances:
+        distances = [float(np.float32(d)) for d in distances]
     return InstanceCounts(tp, n_pred - tp, n_truth - tp, [distance_score(d, voxel_size) for d in distances], distances)
 
 
@@ -363,13 +582,18 @@ def legacy_instance(truth: np.ndarray, pred: np.ndarray | None, voxel_size, conn
     }
 
 
-def overall(instance_scores: list[float], semantic_scores: list[float]) -> dict:
+def overall(instance_scores: list[float], semantic_scores: list[float], toolbox_rule: bool = False) -> dict:
     """Plain means per group; overall is their geometric mean.
 
     Where a group has no class (validation crops may annotate only semantic classes) the
-    toolbox would take its mean as 0 and so the overall as 0; here the overall is then the
-    other group's mean, and the missing group's is reported as None.
+    toolbox takes its mean as 0 and so the overall as 0 (``toolbox_rule``, the
+    leaderboard's); by default the overall is then the other group's mean, and the missing
+    group's is reported as None.
     """
+    if toolbox_rule:
+        instance = float(np.mean(instance_scores)) if instance_scores else 0.0
+        semantic = float(np.mean(semantic_scores)) if semantic_scores else 0.0
+        return {"overall_score": math.sqrt(instance * semantic), "overall_instance_score": instance, "overall_semantic_score": semantic}
     instance = float(np.mean(instance_scores)) if instance_scores else None
     semantic = float(np.mean(semantic_scores)) if semantic_scores else None
     if instance is not None and semantic is not None:

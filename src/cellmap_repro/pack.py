@@ -4,7 +4,8 @@ Reads the test-crop manifest (``crop_name,dataset,class_label,voxel_size,transla
 shape``; one row per scored class of a crop), resamples each processed volume to that
 row's voxel size, translation and shape (nearest for instance ids, linear then > 0.5 for
 masks), checks every row first (a missing crop or class, or a prediction that does not
-cover the crop, is an error naming it), then writes one zarr v2 hierarchy
+cover the crop, is an error naming it; with ``--allow-missing`` a missing one is left out
+with a warning, as the toolbox's packer does, and scored as not submitted), then writes one zarr v2 hierarchy
 ``crop<id>/<class>`` with ``voxel_size``, ``translation`` and ``shape`` attributes and zips
 it with the zarr's contents at the zip root. Semantic masks are uint8 as the toolbox
 writes them; instance ids use the smallest unsigned type that holds them (the toolbox's
@@ -25,7 +26,7 @@ import numpy as np
 from cellmap_repro import metrics, settings
 from cellmap_repro.classes import class_table
 from cellmap_repro.errors import ReproError
-from cellmap_repro.storage import atomic_output_path, read_levels
+from cellmap_repro.storage import atomic_output_path, confined, read_levels
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,22 @@ def _smallest_uint(array: np.ndarray) -> np.ndarray:
     return array.astype(np.uint64)
 
 
+def missing_rows(rows: list[TestCropRow], processed_root: Path) -> list[TestCropRow]:
+    return [row for row in rows if not _prediction_group(processed_root, row).exists()]
+
+
+def _check_names(rows: list[TestCropRow], processed_root: Path, manifest: Path) -> None:
+    """A row's dataset and class label name one folder each under the processed root
+    (and the class one member folder of the zip): refuse anything else before reading."""
+    for row in rows:
+        confined(processed_root, row.dataset, f"{manifest}: crop {row.crop_id} dataset", plain=True)
+        confined(processed_root, row.class_name, f"{manifest}: crop {row.crop_id} class_label", plain=True)
+
+
+def _prediction_group(processed_root: Path, row: TestCropRow) -> Path:
+    return processed_root / f"{row.dataset}.zarr" / f"crop{row.crop_id}" / row.class_name
+
+
 def prepare(rows: list[TestCropRow], processed_root: Path) -> list[tuple[TestCropRow, np.ndarray]]:
     """Resample every row's prediction; fail on the first missing or non-covering one."""
     import zarr
@@ -81,9 +98,9 @@ def prepare(rows: list[TestCropRow], processed_root: Path) -> list[tuple[TestCro
     table = class_table()
     prepared = []
     for row in rows:
-        group = processed_root / f"{row.dataset}.zarr" / f"crop{row.crop_id}" / row.class_name
+        group = _prediction_group(processed_root, row)
         if not group.exists():
-            raise ReproError(f"no processed prediction for crop {row.crop_id} class '{row.class_name}' ({group})")
+            raise ReproError(f"no processed prediction for crop {row.crop_id} class '{row.class_name}' ({group}; --allow-missing packs the rest)")
         level = read_levels(group)[0]
         data = zarr.open_array(str(group / level.path), mode="r")[:]
         if not metrics.covers(level.scale, level.translation, data.shape, row.voxel_size, row.translation, row.shape):
@@ -136,21 +153,33 @@ def validate_submission(zip_path: Path, rows: list[TestCropRow]) -> None:
         store.close()
 
 
-def pack(experiment: str, manifest: Path, data_root=None, out: Path | None = None) -> Path:
+def pack(experiment: str, manifest: Path, data_root=None, out: Path | None = None, allow_missing: bool = False) -> tuple[Path, list[str]]:
+    """Write and validate the submission zip; returns it and one warning per item left out."""
     data = settings.data_root(data_root)
     rows = read_manifest(Path(manifest))
     processed_root = settings.processed_root(data, experiment)
+    _check_names(rows, processed_root, manifest)
     out_zip = Path(out) if out else data / "submissions" / f"{experiment}.zip"
+    warnings = []
+    if allow_missing:
+        missing = missing_rows(rows, processed_root)
+        if len(missing) == len(rows):
+            raise ReproError(f"no processed prediction under {processed_root} for any row of {manifest}; nothing to pack")
+        warnings = [f"crop {row.crop_id} class '{row.class_name}': no processed prediction ({_prediction_group(processed_root, row)}); left out, scored as not submitted" for row in missing]
+        rows = [row for row in rows if row not in missing]
     out_zip.parent.mkdir(parents=True, exist_ok=True)
     prepared = prepare(rows, processed_root)
     write_submission(prepared, out_zip)
     validate_submission(out_zip, rows)
-    return out_zip
+    return out_zip, warnings
 
 
 def run(args: argparse.Namespace) -> int:
-    out = pack(args.experiment, Path(args.manifest), args.data, Path(args.out) if args.out else None)
-    print(f"submission: {out} (validated against {args.manifest})")
+    out, warnings = pack(args.experiment, Path(args.manifest), args.data, Path(args.out) if args.out else None, args.allow_missing)
+    for warning in warnings:
+        print(f"warning: {warning}")
+    partial = f"; {len(warnings)} item(s) left out" if warnings else ""
+    print(f"submission: {out} (validated against {args.manifest}{partial})")
     return 0
 
 
@@ -160,4 +189,5 @@ def register(subparsers) -> None:
     settings.add_data_argument(parser)
     parser.add_argument("--manifest", required=True, help="the challenge's test_crop_manifest.csv")
     parser.add_argument("--out", default=None, help="output zip (default <data>/submissions/<experiment>.zip)")
+    parser.add_argument("--allow-missing", action="store_true", help="pack a partial submission: leave out (with a warning each) crops and classes without a processed prediction")
     parser.set_defaults(func=run)

@@ -26,6 +26,7 @@ import numpy as np
 
 from cellmap_repro import checkpoint, settings
 from cellmap_repro.errors import ReproError
+from cellmap_repro.fetch_record import require_tiles_fetched
 from cellmap_repro.storage import (
     PARTIAL_SUFFIX,
     ScaleLevel,
@@ -64,21 +65,9 @@ def crop_box(levels: list[ScaleLevel], shape) -> tuple[tuple, tuple]:
 def targets_from_datasplit(rows, which: str) -> list[CropTarget]:
     import zarr
 
-    if which in ("validate", "train"):
-        chosen = [r for r in rows if r.usage == which]
-    elif which == "all":
-        chosen = list(rows)
-    else:
-        try:
-            wanted = {int(c) for c in which.split(",") if c.strip()}
-        except ValueError:
-            raise ReproError(f"--crops must be validate, train, all or crop ids like 1,2; got {which!r}") from None
-        chosen = [r for r in rows if r.crop_id in wanted]
-        missing = wanted - {r.crop_id for r in chosen}
-        if missing:
-            raise ReproError(f"crop(s) {sorted(missing)} are not in the datasplit")
-    if not chosen:
-        raise ReproError(f"the datasplit has no '{which}' crops to predict")
+    from cellmap_repro.datasplit import select_rows
+
+    chosen = select_rows(rows, which)
     targets = []
     for row in chosen:
         group = row.label_group(row.classes[0])
@@ -207,6 +196,7 @@ def _predict(experiment_name, experiments_root, data, out_root, ckpt_path, crops
         # min-max) then sees windows of the size it was trained on.
         needed = np.asarray(config.target_array_info.shape) if max_input is None else np.minimum(grid_shape, max(1, max_input - int(context.max())))
         in_shape, out_shape = output_size_for(config.input_array_info.shape, config.target_array_info.shape, step, needed)
+        require_tiles_fetched(target.raw_group / raw_level.path, grid_start, grid_shape, in_shape, out_shape, raw_level.scale, target.crop_id, where)
         crop_dir = out_root / f"{target.dataset}.zarr" / f"crop{target.crop_id}"
         translation = tuple(t + s * k for t, s, k in zip(raw_level.translation, raw_level.scale, grid_start))
         level = ScaleLevel("s0", tuple(out_scale), translation)

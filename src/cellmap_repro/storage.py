@@ -6,8 +6,9 @@ same directory and are renamed into place; zarr outputs are built in a ``*.parti
 directory and renamed when finished. A failed write names the file it was writing (the
 OS names none when a write or fsync fails, e.g. on a full disk).
 
-Paths that come from data (manifests, datasplits, zarr attributes) go through
-:func:`confined`; a run that writes a folder holds its :func:`exclusive` lock.
+Paths that come from data (S3 keys, manifest fields, datasplits, zarr level paths) are
+joined to their folder through :func:`confined`; a run that writes a folder holds its
+:func:`exclusive` lock.
 """
 
 from __future__ import annotations
@@ -23,12 +24,8 @@ import shutil
 import socket
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Iterator, Sequence
-
-from pydantic_ome_ngff.v04.axis import Axis
-from pydantic_ome_ngff.v04.multiscale import Dataset, MultiscaleMetadata
-from pydantic_ome_ngff.v04.transform import VectorScale, VectorTranslation
 
 from cellmap_repro.errors import ReproError
 
@@ -38,6 +35,12 @@ PARTIAL_SUFFIX = ".partial"
 
 def _umask_mode() -> int:
     # mkstemp creates 0600 files; outputs should get the permissions any new file gets.
+    # Read the umask where the kernel reports it: setting it to read it races with
+    # other threads creating files (fetch writes from many threads).
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        with open("/proc/self/status") as status:
+            line = next(line for line in status if line.startswith("Umask:"))
+        return 0o666 & ~int(line.split()[1], 8)
     mask = os.umask(0)
     os.umask(mask)
     return 0o666 & ~mask
@@ -141,21 +144,20 @@ def atomic_directory(path: Path) -> Iterator[Path]:
 
 
 def confined(base: Path, relative: str, what: str, plain: bool = False) -> Path:
-    """``base / relative`` when ``relative`` names something inside ``base``, else one clear error.
+    """``base / relative`` for a path read from data, or one clear error naming ``what``.
 
-    For paths read from data (a manifest's dataset, a datasplit's array path, a zarr
-    level's path): never absolute, never through ``..``; ``plain``: a single folder name.
-    Judged on the text, so a folder the user linked in on purpose still works.
+    Refused: an empty or absolute path, any ``..`` part (``\\`` counts as a separator, as
+    in a manifest written on Windows), a NUL byte; with ``plain``, anything but one name.
+    Judged on the text alone: data can only choose the text, and a folder the user linked
+    into ``base`` on purpose (a dataset on other storage) keeps working.
     """
     text = str(relative)
-    if not text.strip():
-        raise ReproError(f"{what} {text!r} is empty")
-    parts = PurePosixPath(text.replace("\\", "/")).parts
-    if text.startswith(("/", "\\")) or ".." in parts or "\0" in text:
-        raise ReproError(f"{what} {text!r} points outside {base}")
-    if plain and (len(parts) != 1 or parts[0] == "."):
-        raise ReproError(f"{what} {text!r} is not a plain folder name (it would point outside {base})")
-    return Path(base) / text
+    parts = text.replace("\\", "/").split("/")  # str.split: fetch checks every object key
+    if not text.strip() or text.startswith(("/", "\\")) or ".." in parts or "\0" in text:
+        raise ReproError(f"{what} {text!r} is not a path inside {base}; refused")
+    if plain and (len(parts) != 1 or text == "."):
+        raise ReproError(f"{what} {text!r} is not a plain name inside {base}; refused")
+    return (base if isinstance(base, Path) else Path(base)) / text
 
 
 @contextlib.contextmanager
@@ -212,6 +214,11 @@ class ScaleLevel:
 
 def multiscale_attrs(levels: Sequence[ScaleLevel], name: str | None = None) -> dict:
     """OME-NGFF 0.4 ``multiscales`` attributes for a group holding ``levels``."""
+    # Imported here: pydantic-ome-ngff takes most of a second, which every CLI start paid.
+    from pydantic_ome_ngff.v04.axis import Axis
+    from pydantic_ome_ngff.v04.multiscale import Dataset, MultiscaleMetadata
+    from pydantic_ome_ngff.v04.transform import VectorScale, VectorTranslation
+
     metadata = MultiscaleMetadata(
         version="0.4",
         name=name,
@@ -255,7 +262,7 @@ def read_levels(group_path: Path | str, where: str | None = None) -> list[ScaleL
     except (KeyError, IndexError, TypeError, ValueError, UnicodeDecodeError) as exc:
         raise ReproError(f"{label}: malformed OME-NGFF multiscales attributes in {attrs_file} ({exc})") from None
     for level in levels:
-        confined(group_path, level.path, f"{label}: the level path in {attrs_file},")
+        confined(group_path, level.path, f"{label}: level path in {attrs_file}")
     return sorted(levels, key=lambda level: max(level.scale))
 
 
