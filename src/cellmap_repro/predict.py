@@ -86,7 +86,7 @@ def targets_from_manifest(path: Path, data: Path, raw_path: str = "recon-1/em/fi
     for row in read_manifest(path):
         where = f"{path}: crop {row.crop_id} class {row.class_name}:"
         # The dataset names a folder of the data root and, below, one of the predictions.
-        dataset = confined(data, row.dataset, f"{where} dataset", plain=True).name
+        dataset = confined(data, row.dataset, f"{path}: crop {row.crop_id} dataset", plain=True).name
         for name, values, kind in (("voxel size", row.voxel_size, float), ("shape", row.shape, int), ("translation", row.translation, None)):
             if len(values) != 3 or not all(math.isfinite(v) for v in values) or (kind is not None and not all(v > 0 for v in values)):
                 raise ReproError(f"{where} {name} must be 3 {'positive ' if kind else ''}numbers (z;y;x), got {list(values)}")
