@@ -131,8 +131,14 @@ BASE_DIGEST = $(if $(findstring @sha256:,$(BASE_IMAGE)),$(lastword $(subst @, ,$
 EXTRA_CA ?=
 REVISION ?= $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
 LOCK_SHA256 := $(shell sha256sum requirements.txt | cut -d' ' -f1)
-export UID := $(shell id -u)
-export GID := $(shell id -g)
+# The image's user is yours, so that outputs on the mounted folders belong to you; the
+# image never runs as root, so built by root it gets a non-root default (1000), and the
+# mounted folders are handed to it (see image-if-missing).
+NON_ROOT_ID := 1000
+BUILD_UID ?= $(shell id -u)
+BUILD_GID ?= $(shell id -g)
+export UID := $(if $(filter 0,$(BUILD_UID)),$(NON_ROOT_ID),$(BUILD_UID))
+export GID := $(if $(filter 0,$(BUILD_UID) $(BUILD_GID)),$(NON_ROOT_ID),$(BUILD_GID))
 export IMAGE REVISION LOCK_SHA256 EXP GPUS
 # GPU reservations only where an NVIDIA driver exists; otherwise the CPU override.
 export COMPOSE_FILE ?= $(if $(shell command -v nvidia-smi 2>/dev/null),compose.yaml,compose.yaml:compose.cpu.yaml)
@@ -147,9 +153,10 @@ image: ## build the container image (BASE_IMAGE=..., EXTRA_CA=ca-bundle.crt behi
 	  --build-arg UID=$(UID) --build-arg GID=$(GID) \
 	  --build-arg REVISION=$(REVISION) --build-arg LOCK_SHA256=$(LOCK_SHA256) .
 
+# Run by root, the (non-root) image must be able to create its outputs in the mounted folders.
 image-if-missing:
 	@$(DOCKER) image inspect $(IMAGE) >/dev/null 2>&1 || $(MAKE) --no-print-directory image
-	@mkdir -p data experiments
+	@mkdir -p data experiments$(if $(filter 0,$(BUILD_UID)), && chown $(UID):$(GID) data experiments $(wildcard experiments/*/))
 
 lint: ## lint the Dockerfile (hadolint) and validate the compose files (schema and compose config)
 	$(VENV)/bin/hadolint docker/Dockerfile

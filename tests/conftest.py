@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -68,3 +69,37 @@ def cli(*args: str, env: dict | None = None, cwd: Path | None = None, check: boo
     if check and result.returncode != 0:
         raise AssertionError(f"cellmap-repro {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+# ---------------------------------------------------------------- the bad-input battery's counts
+
+# case id -> {"verdict", "line", "lost", "outside"}, filled by tests/test_battery.py
+BATTERY: dict[str, dict] = {}
+
+
+def battery_counts() -> dict:
+    records = list(BATTERY.values())
+    counts = {
+        "tried": len(records),
+        "clear": sum(r["verdict"] == "clear" for r in records),
+        "tracebacks": sum(r["verdict"] == "traceback" for r in records),
+        "wrong successes": sum(r["verdict"] == "wrong success" for r in records),
+        "unclear": sum(r["verdict"] == "unclear" for r in records),
+        "lost outputs": sum(bool(r["lost"]) for r in records),
+        "outside writes": sum(bool(r["outside"]) for r in records),
+    }
+    return {**counts, "text": "bad-input battery: " + ", ".join(f"{k} {v}" for k, v in counts.items())}
+
+
+def pytest_terminal_summary(terminalreporter):
+    if BATTERY:
+        terminalreporter.write_line(battery_counts()["text"])
+
+
+def pytest_runtest_logreport(report):
+    # Every verdict as it happens, for comparing code versions (BATTERY_REPORT=path.jsonl).
+    if report.when == "call" and os.environ.get("BATTERY_REPORT") and "test_bad_input_never_wins[" in report.nodeid:
+        case_id = report.nodeid.split("[", 1)[1].rstrip("]")
+        if case_id in BATTERY:
+            with open(os.environ["BATTERY_REPORT"], "a") as handle:
+                handle.write(json.dumps({"id": case_id, **BATTERY[case_id]}) + "\n")

@@ -59,8 +59,15 @@ def test_data_path_that_does_not_exist(fast_experiment, tmp_path):
 
 def test_wrong_voxel_size(fast_experiment):
     model = fast_experiment / "model.py"
-    model.write_text(model.read_text().replace('"scale": (8.0, 8.0, 8.0)}\ntarget', '"scale": (4.0, 4.0, 4.0)}\ntarget'))
+    model.write_text(model.read_text().replace('"scale": (8.0, 8.0, 8.0)}', '"scale": (4.0, 4.0, 4.0)}'))
     assert_one_line_error(cli("train", "-e", "fast"), "coarser than the model input's [4.0, 4.0, 4.0] nm")
+
+
+def test_output_voxel_size_other_than_the_input_is_refused_at_load(fast_experiment):
+    """Was accepted by train and refused only by predict (issue 13)."""
+    model = fast_experiment / "model.py"
+    model.write_text(model.read_text().replace('"scale": (8.0, 8.0, 8.0)}\ntarget', '"scale": (16.0, 16.0, 16.0)}\ntarget'))
+    assert_one_line_error(cli("train", "-e", "fast"), "model.py", "voxel sizes must be equal")
 
 
 def test_misspelt_config_variable(fast_experiment):
@@ -93,3 +100,33 @@ def test_stages_without_inputs(fast_experiment, stage):
     if "invalid choice" in result.stderr:
         pytest.skip(f"{stage} stage not installed")
     assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_a_bug_is_one_line_and_the_traceback_is_one_variable_away(monkeypatch, capsys):
+    """An error nobody foresaw: one line and exit status 1, unless CELLMAP_REPRO_TRACEBACK=1."""
+    from cellmap_repro import cli
+    from cellmap_repro.errors import ReproError
+
+    def broken(args):
+        raise KeyError("surprise")
+
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda *stage: parser)
+    parser._subparsers._group_actions[0].choices["unite-logs"].set_defaults(func=broken)
+    monkeypatch.delenv(cli.TRACEBACK_ENV, raising=False)
+    assert cli.main(["unite-logs"]) == cli.EXIT_BUG
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("cellmap-repro: internal error: KeyError: 'surprise'") and cli.TRACEBACK_ENV in err
+    monkeypatch.setenv(cli.TRACEBACK_ENV, "1")
+    with pytest.raises(KeyError):
+        cli.main(["unite-logs"])
+
+    def refused(args):
+        raise ReproError("bad input")
+
+    parser._subparsers._group_actions[0].choices["unite-logs"].set_defaults(func=refused)
+    with pytest.raises(ReproError):
+        cli.main(["unite-logs"])
+    monkeypatch.delenv(cli.TRACEBACK_ENV)
+    assert cli.main(["unite-logs"]) == cli.EXIT_USER_ERROR
+    assert capsys.readouterr().err == "cellmap-repro: error: bad input\n"

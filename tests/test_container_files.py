@@ -108,6 +108,24 @@ def test_image_runs_the_cli_as_the_build_users_uid_with_deterministic_settings()
     assert "lock-sha256=" in labels
 
 
+def test_the_image_never_runs_as_root():
+    """Built by root, the image took UID 0 and ran as root (issue 13): the Dockerfile refuses
+    UID/GID 0, and make passes a non-root default instead of root's own ids."""
+    assert arg_defaults()["UID"] != "0" and arg_defaults()["GID"] != "0"
+    [guard] = [rest for keyword, rest in dockerfile_instructions() if keyword == "RUN" and "refusing to build" in rest]
+    check = guard[: guard.index(" fi ") + len(" fi")]
+    for uid, gid, refused in (("0", "0", True), ("1000", "0", True), ("0", "1000", True), ("1000", "1000", False), ("4321", "55", False)):
+        result = subprocess.run(["bash", "-c", check], env={"UID": uid, "GID": gid, "PATH": os.environ["PATH"]}, capture_output=True, text=True)
+        assert (result.returncode != 0) == refused, (uid, gid, result.stderr)
+        assert ("refusing to build an image that runs as root" in result.stderr) == refused
+    for ids, expected in ((("0", "0"), "UID=1000 --build-arg GID=1000"), (("1234", "0"), "UID=1234 --build-arg GID=1000"), (("1234", "2345"), "UID=1234 --build-arg GID=2345")):
+        build = make("-n", "image", "RUNNER=local", "DOCKER=true", f"BUILD_UID={ids[0]}", f"BUILD_GID={ids[1]}")
+        assert f"--build-arg {expected} " in build
+    # root hands the mount points to the image's user; anyone else owns them already
+    assert "chown 1000:1000 data experiments" in make("-n", "image-if-missing", "RUNNER=local", "DOCKER=true", "BUILD_UID=0", "BUILD_GID=0")
+    assert "chown" not in make("-n", "image-if-missing", "RUNNER=local", "DOCKER=true", "BUILD_UID=1234", "BUILD_GID=2345")
+
+
 def test_build_context_leaves_out_data_checkpoints_logs_and_the_venv(tmp_path):
     from docker.utils.build import exclude_paths
 

@@ -161,8 +161,8 @@ def test_the_model_is_built_seeded_with_the_run_seed(experiments, monkeypatch):
     ("env", "line", "message"),
     [
         ({}, "random_seed = 6 + 1", "random_seed must be a whole-number literal"),
-        ({"SEED": "abc"}, None, "SEED='abc' is not a whole number"),
-        ({"SEED": "-1"}, None, "seed -1 is out of range"),
+        ({"SEED": "abc"}, None, "SEED must be a whole number from 0 to 9223372036854775807, got 'abc'"),
+        ({"SEED": "-1"}, None, "SEED must be a whole number from 0 to 9223372036854775807, got '-1'"),
         ({}, "random_seed = 18446744073709551616", "seed 18446744073709551616 is out of range"),
     ],
 )

@@ -115,6 +115,33 @@ def test_resume_with_changed_settings_is_refused(fast_experiment):
     assert "changed since" in changed.stderr
 
 
+def test_overwrite_keeps_the_previous_run_until_the_new_one_finishes(fast_experiment, monkeypatch):
+    """--overwrite moves the previous run to checkpoints/replaced-run/; a new run that dies
+    after its first checkpoint leaves both (the new one resumable); finishing discards it."""
+    ckpts = fast_experiment / "checkpoints"
+    first = train.train("fast", overrides=FAST, progress=False).checkpoint_hashes
+    old_latest = sha256_file(ckpts / "latest.pth")
+
+    class Killed(BaseException):
+        pass
+
+    def kill(pid, signal_number):
+        raise Killed
+
+    monkeypatch.setenv(train.KILL_AT_ENV, "2")
+    monkeypatch.setattr(train.os, "kill", kill)
+    with pytest.raises(Killed):
+        train.train("fast", overrides=train.Overrides(**{**FAST.as_dict(), "seed": 8}), overwrite=True, progress=False)
+    monkeypatch.delenv(train.KILL_AT_ENV)
+    replaced = ckpts / train.REPLACED_FOLDER
+    assert sha256_file(replaced / "latest.pth") == old_latest
+    assert json.loads((replaced / "manifest.json").read_text())["checkpoints"]["2"]["sha256"] == first["2"]["sha256"]
+    assert (replaced / "tensorboard").is_dir() and checkpoint.load(ckpts / "latest.pth")["iteration"] == 1
+    resumed = train.train("fast", overrides=train.Overrides(**{**FAST.as_dict(), "seed": 8}), resume=True, progress=False)
+    assert resumed.iteration == 6 and not replaced.exists()
+    assert scalar_tags(resumed.tensorboard_dir)["loss"] == [1, 2, 3, 4, 5, 6], "the replaced run's curves are not mixed in"
+
+
 def test_auto_resume_starts_a_run_then_continues_it(fast_experiment):
     """What a requeued cluster job runs: the same command first and after being killed.
 

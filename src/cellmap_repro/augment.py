@@ -112,7 +112,9 @@ class ArraySource:
 
     def read(self, low: Sequence[int], high: Sequence[int]) -> np.ndarray:
         """``array[low:high]``, ``low``/``high`` already within the array."""
-        return _zarr_array(self.path, os.getpid())[tuple(slice(int(a), int(b)) for a, b in zip(low, high))]
+        from cellmap_repro.storage import read_region
+
+        return read_region(_zarr_array(self.path, os.getpid()), tuple(slice(int(a), int(b)) for a, b in zip(low, high)))
 
 
 @functools.lru_cache(maxsize=256)

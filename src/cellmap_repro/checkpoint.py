@@ -23,17 +23,27 @@ the fingerprint) is refused in one line.
 
 Layout in ``experiments/<exp>/checkpoints/``: ``epoch_0001.pth`` ... after each epoch,
 ``latest.pth`` (also refreshed every ``checkpoint_every`` iterations) and ``best.pth``;
-each with ``<name>.sha256`` beside it.
+each with ``<name>.sha256`` beside it (``sha256sum -c`` format).
+
+File and sidecar are always consistent, whenever a crash or a full disk stops a save:
+the new checkpoint is written to a temporary file first; the sidecar then lists the new
+digest *and* the current file's, so that either file is accepted while the checkpoint is
+renamed into place; finally the sidecar is rewritten with the new digest alone. An intact
+checkpoint is never reported corrupt, and a corrupt one never passes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import os
+import re
+import warnings
 from pathlib import Path
 
 from cellmap_repro.errors import ReproError
-from cellmap_repro.storage import atomic_write_bytes, atomic_write_text, sha256_bytes
+from cellmap_repro.storage import atomic_write_text, sha256_bytes, sha256_file, write_temporary, writing
 
 FORMAT_VERSION = 2
 
@@ -77,39 +87,88 @@ def identity(model, classes: list[str]) -> dict:
 
 
 def save(path: Path, state: dict) -> str:
-    """Serialise ``state`` in memory, then write file and sidecar atomically; return sha256."""
+    """Serialise ``state`` and replace ``path`` and its sidecar as one (see the module doc); return sha256."""
     import torch
 
+    path = Path(path)
     buffer = io.BytesIO()
     torch.save({"format": FORMAT_VERSION, **state}, buffer)
     data = buffer.getvalue()
     digest = sha256_bytes(data)
-    # Sidecar first: a crash between the two renames leaves a sidecar that does not
-    # match the old file, which load() reports instead of trusting a stale pair.
-    atomic_write_text(Path(str(path) + ".sha256"), f"{digest}  {Path(path).name}\n")
-    atomic_write_bytes(path, data)
+    tmp = write_temporary(path, data)
+    try:
+        still_valid = _current_digests(path)
+        _write_sidecar(path, [digest, *still_valid])
+        with writing(path):
+            os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _write_sidecar(path, [digest])
     return digest
 
 
-def recorded_digest(path: Path) -> str | None:
-    sidecar = Path(str(path) + ".sha256")
+def sidecar_path(path: Path) -> Path:
+    return Path(str(path) + ".sha256")
+
+
+def _write_sidecar(path: Path, digests: list[str]) -> None:
+    lines = [f"{d}  {Path(path).name}\n" for d in dict.fromkeys(digests)]
+    atomic_write_text(sidecar_path(path), "".join(lines))
+
+
+def _current_digests(path: Path) -> list[str]:
+    """The digests under which the file now at ``path`` loads (kept valid during the swap)."""
+    if not path.exists():
+        return []
+    try:
+        recorded = recorded_digests(path)
+    except ReproError:  # a damaged sidecar must not stop the save that replaces it
+        recorded = []
+    return recorded or [sha256_file(path)]
+
+
+def recorded_digests(path: Path) -> list[str]:
+    """The digests the sidecar accepts, newest first; [] without a sidecar."""
+    sidecar = sidecar_path(path)
     if not sidecar.exists():
-        return None
-    return sidecar.read_text().split()[0]
+        return []
+    try:
+        lines = [line.split() for line in sidecar.read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError):
+        lines = []
+    digests = [line[0] for line in lines if re.fullmatch(r"[0-9a-f]{64}", line[0])]
+    if not lines or len(digests) != len(lines):
+        raise ReproError(f"{sidecar} is malformed (expected '<sha256>  {Path(path).name}' lines): restore it, or delete it to load {Path(path).name} unchecked")
+    return digests
+
+
+def recorded_digest(path: Path) -> str | None:
+    digests = recorded_digests(path)
+    return digests[0] if digests else None
 
 
 def load(path: Path) -> dict:
+    return read(path)[0]
+
+
+def read(path: Path) -> tuple[dict, str]:
+    """A checkpoint's state, checked against its sidecar, and the sha256 of its bytes."""
     import torch
 
     path = Path(path)
     if not path.exists():
         raise ReproError(f"checkpoint not found: {path}")
     data = path.read_bytes()
-    expected = recorded_digest(path)
-    if expected is not None and sha256_bytes(data) != expected:
+    digest = sha256_bytes(data)
+    accepted = recorded_digests(path)
+    if accepted and digest not in accepted:
         raise ReproError(f"checkpoint {path} does not match its sha256 sidecar (corrupt or partly written)")
     try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. about a foreign pickle protocol: the error below says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ReproError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {str(exc)[:160]})") from None
     if not isinstance(state, dict) or "format" not in state or "model" not in state:
@@ -119,7 +178,7 @@ def load(path: Path) -> dict:
             f"{path} is a format-{state['format']} checkpoint; this version reads format {FORMAT_VERSION} "
             "(whole model state, classes, model signature): train again with --overwrite"
         )
-    return state
+    return state, digest
 
 
 def load_into(model, state: dict, where: Path, current: dict) -> None:

@@ -2,7 +2,9 @@
 
 Each stage module exposes ``register(subparsers)``, which adds its subcommand and
 sets ``func`` on the parser; this file only wires them together and turns
-:class:`ReproError` into one clear line and a non-zero exit.
+:class:`ReproError` (and OS errors, and bad flags) into one clear line and exit status 2.
+Anything else is a bug: one line saying so, exit status 1.
+``CELLMAP_REPRO_TRACEBACK=1`` shows the full traceback instead (for developers).
 """
 
 from __future__ import annotations
@@ -42,11 +44,45 @@ STAGE_VERBS = {
 STAGE_MODULES = tuple(dict.fromkeys(STAGE_VERBS.values()))
 
 EXIT_USER_ERROR = 2
+EXIT_BUG = 1
+TRACEBACK_ENV = "CELLMAP_REPRO_TRACEBACK"
+# How a DataLoader worker's exception arrives in the training process: the worker's
+# traceback as text, the original message on its last line.
+_WORKER_PREFIX = f"{ReproError.__module__}.{ReproError.__qualname__}: "
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its usage errors as one line (the usage itself is one --help away)."""
+
+    def error(self, message: str):
+        print(f"cellmap-repro: error: {self.prog.removeprefix('cellmap-repro').strip() or 'cellmap-repro'}: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(EXIT_USER_ERROR)
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    lines = text.splitlines()
+    if len(lines) > 1 and lines[-1].startswith(_WORKER_PREFIX):
+        return lines[-1].removeprefix(_WORKER_PREFIX)
+    return " ".join(line.strip() for line in lines)
+
+
+def report_error(exc: BaseException) -> int | None:
+    """Print ``exc`` as the one line a user sees; the exit status, or None to re-raise."""
+    if os.environ.get(TRACEBACK_ENV):
+        return None
+    if isinstance(exc, (ReproError, OSError)):
+        print(f"cellmap-repro: error: {one_line(exc)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    if isinstance(exc, Exception):
+        print(f"cellmap-repro: internal error: {type(exc).__name__}: {one_line(exc)[:300]} (a bug: please report it; {TRACEBACK_ENV}=1 shows where)", file=sys.stderr)
+        return EXIT_BUG
+    return None
 
 
 def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
     """The full parser, or only ``stage``'s subcommand when it is a known one."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="cellmap-repro",
         description="Reproducible CellMap Segmentation Challenge experiments.",
     )
@@ -92,16 +128,12 @@ def main(argv: list[str] | None = None) -> int:
 
         require_gpu_if_asked(args.stage)
         result = args.func(args)
-    except ReproError as exc:
-        print(f"cellmap-repro: error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("cellmap-repro: interrupted", file=sys.stderr)
         return 130
-    except OSError as exc:
-        # Disk full, permission denied and the like: the OS message names the file.
-        if os.environ.get("CELLMAP_REPRO_TRACEBACK"):
+    except Exception as exc:
+        code = report_error(exc)
+        if code is None:
             raise
-        print(f"cellmap-repro: error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return code
     return int(result or 0)

@@ -39,7 +39,7 @@ from cellmap_repro.datasplit import DatasplitRow, check_paths_exist, read_datasp
 from cellmap_repro.determinism import derived_seed
 from cellmap_repro.errors import ReproError
 from cellmap_repro.fetch_record import require_window_fetched
-from cellmap_repro.storage import read_levels
+from cellmap_repro.storage import check_array, level_for, read_levels
 
 INPUT_KEY = "input"
 TARGET_KEY = "output"
@@ -58,6 +58,8 @@ def check_rows(rows: list[DatasplitRow], input_scale, target_scale, where: str, 
             raise ReproError(
                 f"{where}: raw of crop {row.crop_id} ({row.raw_group}) is at {list(finest)} nm at best, coarser than the model input's {list(input_scale)} nm"
             )
+        # The arrays cellmap-data will read must open (it reports a broken one as "no samples").
+        check_array(row.raw_group, level_for(raw_levels, input_scale))
         for class_name in row.classes:
             group = row.label_group(class_name)
             levels = read_levels(group, where=f"{where}: crop {row.crop_id} label {class_name}")
@@ -65,6 +67,7 @@ def check_rows(rows: list[DatasplitRow], input_scale, target_scale, where: str, 
                 raise ReproError(
                     f"{where}: label '{class_name}' of crop {row.crop_id} is at {list(levels[0].scale)} nm at best, coarser than the target's {list(target_scale)} nm ({group})"
                 )
+            check_array(group, level_for(levels, target_scale))
             s0_attrs = group / levels[0].path / ".zattrs"
             try:
                 json.loads(s0_attrs.read_text())["cellmap"]["annotation"]["complement_counts"]["absent"]

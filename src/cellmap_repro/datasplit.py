@@ -27,7 +27,7 @@ import numpy as np
 from cellmap_repro import settings
 from cellmap_repro.classes import check_classes
 from cellmap_repro.errors import ReproError
-from cellmap_repro.storage import atomic_write_text
+from cellmap_repro.storage import atomic_write_text, confined
 
 USAGES = ("train", "validate")
 DEFAULT_SEED = 13
@@ -76,13 +76,20 @@ class DatasplitRow:
 
 def parse_datasplit(text: str, where: str) -> list[DatasplitRow]:
     rows = []
+    first_listed: dict[tuple[str, str], int] = {}
     reader = csv.reader(io.StringIO(text))
-    for line_number, fields in enumerate(reader, start=1):
+    try:
+        numbered = list(enumerate(reader, start=1))
+    except csv.Error as exc:
+        raise ReproError(f"{where}:{reader.line_num}: not a CSV datasplit ({exc})") from None
+    for line_number, fields in numbered:
         if not fields or all(not f.strip() for f in fields):
             continue
         at = f"{where}:{line_number}"
         if len(fields) != 5:
             raise ReproError(f"{at}: expected 5 fields (usage, raw container, raw path, label container, crop/[classes]), got {len(fields)}")
+        if any("\0" in f for f in fields):
+            raise ReproError(f"{at}: a field holds a NUL character (a binary or corrupted file?)")
         usage, raw_container, raw_path, label_container, crop_field = (f.strip() for f in fields)
         if usage not in USAGES:
             raise ReproError(f"{at}: usage must be 'train' or 'validate', got {usage!r}")
@@ -96,6 +103,16 @@ def parse_datasplit(text: str, where: str) -> list[DatasplitRow]:
         for name, value in (("raw container", raw_container), ("label container", label_container)):
             if not value.rstrip("/").endswith(".zarr"):
                 raise ReproError(f"{at}: {name} must end in .zarr, got {value!r}")
+        # The containers are the user's to place; the arrays are read inside them.
+        confined(Path(raw_container), raw_path, f"{at}: raw path")
+        confined(Path(label_container), match["crop_path"], f"{at}: crop path")
+        crop_key = (str(settings.resolve(label_container)), match["crop_path"].strip("/"))
+        if crop_key in first_listed:
+            raise ReproError(
+                f"{at}: crop {match['crop_id']} of {label_container} is already listed on line {first_listed[crop_key]}: "
+                "list each crop once (a repeated row weights it twice, or puts it in both train and validate)"
+            )
+        first_listed[crop_key] = line_number
         rows.append(DatasplitRow(usage, raw_container, raw_path, label_container, match["crop_path"], classes))
     if not rows:
         raise ReproError(f"{where}: datasplit has no rows")
@@ -106,7 +123,11 @@ def read_datasplit(path: Path) -> list[DatasplitRow]:
     path = Path(path)
     if not path.exists():
         raise ReproError(f"datasplit not found: {path} (write one with `cellmap-repro datasplit` or `cellmap-repro tiny-crop`)")
-    return parse_datasplit(path.read_text(), str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ReproError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); a datasplit is a CSV text file") from None
+    return parse_datasplit(text, str(path))
 
 
 def crop_ids(text: str, flag: str, words: str) -> set[int]:
@@ -283,8 +304,8 @@ def register(subparsers) -> None:
     )
     settings.add_experiment_argument(parser)
     settings.add_data_argument(parser)
-    parser.add_argument("--validation-prob", type=float, default=None, help="probability that a crop is used for validation (default: the experiment's data.py, else 0.15)")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the per-crop draw (default %(default)s)")
+    parser.add_argument("--validation-prob", type=settings.number_flag(0, 1, real=True), default=None, help="probability that a crop is used for validation (default: the experiment's data.py, else 0.15)")
+    parser.add_argument("--seed", type=settings.SEED_FLAG, default=DEFAULT_SEED, help="seed of the per-crop draw (default %(default)s)")
     parser.add_argument(
         "--force-all-classes",
         choices=["false", "true", "train", "validate"],

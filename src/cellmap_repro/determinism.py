@@ -21,6 +21,7 @@ What makes a run bit-for-bit repeatable here:
 from __future__ import annotations
 
 import os
+import re
 import random
 
 import numpy as np
@@ -94,7 +95,11 @@ def device():
     """CUDA when a GPU is usable (and not disabled with CELLMAP_REPRO_DEVICE=cpu), else CPU."""
     import torch
 
-    wanted = os.environ.get("CELLMAP_REPRO_DEVICE", "auto")
+    wanted = os.environ.get("CELLMAP_REPRO_DEVICE", "").strip() or "auto"
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", wanted):
+        from cellmap_repro.errors import ReproError
+
+        raise ReproError(f"CELLMAP_REPRO_DEVICE must be auto, cpu, cuda or cuda:<index>, got {wanted!r}")
     if wanted == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda" if wanted == "auto" else wanted)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import ast
 import importlib.util
 import inspect
-import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -101,6 +100,55 @@ class DataConfig(BaseModel):
     def _known_classes(cls, value):
         return check_classes(value, "classes")
 
+    @field_validator("spatial_transforms")
+    @classmethod
+    def _known_spatial_transforms(cls, value):
+        return check_spatial_transforms(value)
+
+    @field_validator("train_raw_value_transforms", "val_raw_value_transforms")
+    @classmethod
+    def _callable_or_none(cls, value):
+        if value is not None and not callable(value):
+            raise ValueError(f"must be a callable transform (or None), got {type(value).__name__}")
+        return value
+
+    @field_validator("target_value_transforms")
+    @classmethod
+    def _target_transforms(cls, value):
+        members = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else [value]
+        if any(m is not None and not callable(m) for m in members):
+            raise ValueError("must be a callable transform, or a dict/list of them per class (or None)")
+        return value
+
+
+SPATIAL_TRANSFORMS = ("mirror", "transpose", "rotate")
+
+
+def check_spatial_transforms(value: dict | None) -> dict | None:
+    """cellmap-data's spatial_transforms, checked at load: a mistake here would otherwise
+    surface as an error inside the first training sample."""
+    if value is None:
+        return value
+    axes = set("zyx")
+    for kind, params in value.items():
+        if kind not in SPATIAL_TRANSFORMS:
+            raise ValueError(f"unknown spatial transform {kind!r} (known: {', '.join(SPATIAL_TRANSFORMS)})")
+        given = params.get("axes") if isinstance(params, dict) else None
+        if kind == "mirror":
+            valid = isinstance(given, dict) and all(a in axes and isinstance(p, (int, float)) and 0 <= p <= 1 for a, p in given.items())
+            expected = 'mirror: {"axes": {"x": probability, ...}} with probabilities in [0, 1]'
+        elif kind == "transpose":
+            valid = isinstance(given, (list, tuple)) and all(a in axes for a in given) and len(set(given)) == len(given)
+            expected = 'transpose: {"axes": ["x", "y", "z"]}'
+        else:
+            valid = isinstance(given, dict) and all(
+                a in axes and isinstance(r, (list, tuple)) and len(r) == 2 and all(isinstance(v, (int, float)) for v in r) and r[0] <= r[1] for a, r in given.items()
+            )
+            expected = 'rotate: {"axes": {"x": [low, high], ...}} in degrees'
+        if not valid:
+            raise ValueError(f"{kind}: expected {expected}, got {params!r}")
+    return value
+
 
 class TrainConfig(BaseModel):
     """Variables of ``train_config.py``.
@@ -126,6 +174,29 @@ class TrainConfig(BaseModel):
     num_threads: Optional[int] = Field(None, gt=0)
     deterministic: bool = True
     allow_tf32: bool = True
+
+    @field_validator("criterion")
+    @classmethod
+    def _a_callable(cls, value):
+        if not callable(value):
+            raise ValueError(f"must be a loss class such as torch.nn.BCEWithLogitsLoss, got {type(value).__name__}")
+        return value
+
+    @field_validator("optimizer")
+    @classmethod
+    def _an_optimizer(cls, value):
+        import torch
+
+        if not isinstance(value, torch.optim.Optimizer):
+            raise ValueError(f"must be a torch.optim.Optimizer over the model's parameters, got {type(value).__name__}")
+        return value
+
+    @field_validator("scheduler")
+    @classmethod
+    def _a_scheduler(cls, value):
+        if value is not None and not (callable(getattr(value, "step", None)) and callable(getattr(value, "state_dict", None))):
+            raise ValueError(f"must be a torch.optim.lr_scheduler scheduler (or None), got {type(value).__name__}")
+        return value
 
 
 class ProcessConfig(BaseModel):
@@ -188,11 +259,9 @@ def run_seed(directory: Path, override: int | None = None) -> int:
     """
     if override is not None:
         return _valid_seed(override, "--seed")
-    if os.environ.get("SEED", "").strip():
-        text = os.environ["SEED"].strip()
-        if not re.fullmatch(r"[+-]?\d+", text):
-            raise ReproError(f"SEED={text!r} is not a whole number")
-        return _valid_seed(int(text), "SEED")
+    from_environment = settings.from_environment("SEED", *settings.SEED_RANGE)
+    if from_environment is not None:
+        return from_environment
     path = directory / "train_config.py"
     if not path.exists():
         return DEFAULT_SEED
@@ -257,6 +326,27 @@ def check_criterion(config: "TrainConfig", path: Path) -> None:
         raise ReproError(f"{path}: criterion {name} does not accept reduction='none', which masking needs (per-voxel losses)")
     if config.weight_loss and accepted is not None and "pos_weight" not in accepted:
         raise ReproError(f"{path}: criterion {name} does not accept pos_weight (class weights); set weight_loss = False")
+
+
+def check_optimizer(optimizer, model, path: Path) -> None:
+    """The optimizer steps this model: every trainable parameter, and nothing else."""
+    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    parameters = list(model.parameters())
+    if stepped - {id(p) for p in parameters}:
+        raise ReproError(f"{path}: the optimizer holds parameters that are not the model's (build it over model.parameters() of the model imported from model.py)")
+    missed = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in stepped]
+    if missed:
+        raise ReproError(f"{path}: the optimizer leaves trainable parameters of the model out (e.g. {missed[0]}): freeze them in model.py or give them to the optimizer")
+
+
+def check_voxel_sizes(config: "ModelConfig", path: Path) -> None:
+    """predict writes the model's output on its input's voxel grid: the two must agree."""
+    given, wanted = config.target_array_info.scale, config.input_array_info.scale
+    if any(abs(a - b) > 1e-6 * max(abs(b), 1.0) for a, b in zip(given, wanted)):
+        raise ReproError(
+            f"{path}: target_array_info.scale {list(given)} nm differs from input_array_info.scale {list(wanted)} nm: "
+            "predictions are written on the input's voxel grid, so the two voxel sizes must be equal"
+        )
 
 
 def _format_validation_error(error: ValidationError, path: Path) -> str:
@@ -372,6 +462,8 @@ def _load_file(package: ModuleType, directory: Path, part: str) -> BaseModel:
         module = importlib.import_module(f"{package.__name__}.{part}")
     except ReproError:
         raise
+    except SystemExit as exc:  # sys.exit() or exit() in a config file: not a successful run
+        raise ReproError(f"{path}: calls exit({exc.code!r}) while loading; a config file only defines variables") from None
     except Exception as exc:  # the author's code failed: say where, keep it one line
         raise ReproError(f"{path}: failed to load: {type(exc).__name__}: {exc}") from exc
     values = {n: getattr(module, n) for n in names if hasattr(module, n)}
@@ -381,6 +473,8 @@ def _load_file(package: ModuleType, directory: Path, part: str) -> BaseModel:
         raise ReproError(_format_validation_error(exc, path)) from None
     if part == "train_config":
         check_criterion(config, path)
+    if part == "model":
+        check_voxel_sizes(config, path)
     return config
 
 
@@ -412,6 +506,8 @@ def load_experiment(
             reinitialize(model_config.model, model_config.reinitialize, str(directory / "model.py"))
     if builds_model:
         model_config = experiment.configs["model"]
+        if "train_config" in experiment.configs:
+            check_optimizer(experiment.configs["train_config"].optimizer, model_config.model, directory / "train_config.py")
         expected = (len(experiment.configs["data"].classes), *model_config.target_array_info.shape)
         experiment.shape_forward = check_shapes(model_config.model, model_config.input_array_info.shape, expected, str(directory / "model.py"))
     return experiment

@@ -31,14 +31,19 @@ from cellmap_repro.storage import (
     PARTIAL_SUFFIX,
     ScaleLevel,
     atomic_write_json,
+    check_array,
     confined,
+    exclusive,
     find_level,
     multiscale_attrs,
     read_levels,
+    read_region,
+    writing,
 )
 
 PROGRESS_FILE = ".cellmap-repro-progress.json"
 ATTRS_KEY = "cellmap_repro"
+LOCK_NAME = ".lock"
 
 
 @dataclass
@@ -79,11 +84,16 @@ def targets_from_manifest(path: Path, data: Path, raw_path: str = "recon-1/em/fi
 
     crops: dict[int, CropTarget] = {}
     for row in read_manifest(path):
-        confined(data, row.dataset, f"{path}: crop {row.crop_id} dataset", plain=True)  # a folder of <data> and of the predictions
+        where = f"{path}: crop {row.crop_id} class {row.class_name}:"
+        # The dataset names a folder of the data root and, below, one of the predictions.
+        dataset = confined(data, row.dataset, f"{path}: crop {row.crop_id} dataset", plain=True).name
+        for name, values, kind in (("voxel size", row.voxel_size, float), ("shape", row.shape, int), ("translation", row.translation, None)):
+            if len(values) != 3 or not all(math.isfinite(v) for v in values) or (kind is not None and not all(v > 0 for v in values)):
+                raise ReproError(f"{where} {name} must be 3 {'positive ' if kind else ''}numbers (z;y;x), got {list(values)}")
         low = tuple(t - s / 2 for t, s in zip(row.translation, row.voxel_size))
         high = tuple(lo + s * n for lo, s, n in zip(low, row.voxel_size, row.shape))
-        raw_group = data / row.dataset / f"{row.dataset}.zarr" / raw_path
-        crops.setdefault(row.crop_id, CropTarget(row.dataset, row.crop_id, raw_group, low, high))
+        raw_group = data / dataset / f"{dataset}.zarr" / raw_path
+        crops.setdefault(row.crop_id, CropTarget(dataset, row.crop_id, raw_group, low, high))
     return [crops[k] for k in sorted(crops)]
 
 
@@ -103,7 +113,7 @@ def read_padded(array, start, size) -> np.ndarray:
         return out
     dst_lo = src_lo - start
     dst_hi = dst_lo + (src_hi - src_lo)
-    out[tuple(slice(a, b) for a, b in zip(dst_lo, dst_hi))] = array[tuple(slice(a, b) for a, b in zip(src_lo, src_hi))]
+    out[tuple(slice(a, b) for a, b in zip(dst_lo, dst_hi))] = read_region(array, tuple(slice(a, b) for a, b in zip(src_lo, src_hi)))
     return out
 
 
@@ -135,6 +145,18 @@ def predict(
     progress: bool = True,
     batch_size: int | None = None,
 ) -> Path:
+    from cellmap_repro.experiment import load_experiment
+
+    data = settings.data_root(data_root)
+    out_root = settings.predictions_root(data, experiment_name)
+    # Resolved before the model config is loaded: loading builds the model, which may download weights.
+    process_only = load_experiment(experiment_name, experiments_root, parts=("process_config",))
+    ckpt_path = checkpoint.resolve(process_only.checkpoints_dir, which_checkpoint or process_only.process.checkpoint)
+    with exclusive(out_root / LOCK_NAME, f"the predictions of {experiment_name} ({out_root})"):
+        return _predict(experiment_name, experiments_root, data, out_root, ckpt_path, crops, test_manifest, max_input, overwrite, progress, batch_size)
+
+
+def _predict(experiment_name, experiments_root, data, out_root, ckpt_path, crops, test_manifest, max_input, overwrite, progress, batch_size) -> Path:
     import torch
     import zarr
 
@@ -143,11 +165,7 @@ def predict(
     from cellmap_repro.experiment import load_experiment
     from cellmap_repro.model import output_size_for
 
-    data = settings.data_root(data_root)
-    # Resolved before the model config is loaded: loading builds the model, which may download weights.
-    process_only = load_experiment(experiment_name, experiments_root, parts=("process_config",))
-    ckpt_path = checkpoint.resolve(process_only.checkpoints_dir, which_checkpoint or process_only.process.checkpoint)
-    state = checkpoint.load(ckpt_path)
+    state, ckpt_digest = checkpoint.read(ckpt_path)
     # Built as training built it: seeded with the run's seed before model.py runs.
     experiment = load_experiment(experiment_name, experiments_root, parts=("train_config",), seed=state["seed"])
     config = experiment.train
@@ -155,18 +173,15 @@ def predict(
     checkpoint.load_into(model, state, ckpt_path, checkpoint.identity(model, config.classes))
     device = determinism.device()
     model.to(device).eval()
-    ckpt_digest = checkpoint.recorded_digest(ckpt_path)
     determinism.configure(state["seed"], torch.get_num_threads(), config.deterministic, config.allow_tf32)
 
+    # (input and output voxel sizes are equal: checked when the experiment is loaded)
     in_scale, out_scale = config.input_array_info.scale, config.target_array_info.scale
-    if any(abs(a - b) > 1e-6 for a, b in zip(in_scale, out_scale)):
-        raise ReproError(f"predict needs the model's output voxel size to equal its input's (got {list(out_scale)} vs {list(in_scale)} nm)")
     if test_manifest is not None:
         targets = targets_from_manifest(Path(test_manifest), data)
     else:
         targets = targets_from_datasplit(read_datasplit(experiment.datasplit_path), crops)
 
-    out_root = settings.predictions_root(data, experiment_name)
     step = experiment.input_step()
     context = np.array(config.input_array_info.shape) - np.array(config.target_array_info.shape)
     for target in targets:
@@ -174,6 +189,7 @@ def predict(
         if not target.raw_group.exists():
             raise ReproError(f"{where} does not exist: {target.raw_group}")
         raw_level = find_level(read_levels(target.raw_group, where=where), in_scale, where)
+        check_array(target.raw_group, raw_level)
         raw = zarr.open_array(str(target.raw_group / raw_level.path), mode="r")
         grid_start, grid_shape = output_grid(target, raw_level)
         # By default a tile is the training input: a per-patch normalisation (setup_04_all's
@@ -190,7 +206,8 @@ def predict(
             if done.get("checkpoint_sha256") == ckpt_digest and done.get("shape") == record["shape"]:
                 print(f"crop{target.crop_id}: up to date, skipped ({crop_dir})")
                 continue
-        _predict_crop(model, config, raw, crop_dir, grid_start, grid_shape, in_shape, out_shape, level, record, progress, f"predict crop{target.crop_id}", device, batch_size or (config.batch_size if device.type == "cuda" else 1))
+        with writing(crop_dir):
+            _predict_crop(model, config, raw, crop_dir, grid_start, grid_shape, in_shape, out_shape, level, record, progress, f"predict crop{target.crop_id}", device, batch_size or (config.batch_size if device.type == "cuda" else 1))
     return out_root
 
 
@@ -267,7 +284,7 @@ def register(subparsers) -> None:
     parser.add_argument("--checkpoint", default=None, help="best, latest, an epoch number or a path (default: process_config's, best)")
     parser.add_argument("--crops", default="validate", help="validate (default), train, all, or crop ids like 1,2 from the datasplit")
     parser.add_argument("--test-manifest", default=None, help="predict the test crops of this test_crop_manifest.csv instead")
-    parser.add_argument("--max-input", type=int, default=None, help="grow tiles up to this input edge in voxels (fewer, larger tiles: faster, but a per-patch normalisation then sees larger windows than in training; default: tiles of the training input size)")
-    parser.add_argument("--batch-size", type=int, default=None, help="tiles per forward pass (default: the experiment's batch_size on a GPU, 1 on the CPU)")
+    parser.add_argument("--max-input", type=settings.number_flag(1), default=None, help="grow tiles up to this input edge in voxels (fewer, larger tiles: faster, but a per-patch normalisation then sees larger windows than in training; default: tiles of the training input size)")
+    parser.add_argument("--batch-size", type=settings.number_flag(1), default=None, help="tiles per forward pass (default: the experiment's batch_size on a GPU, 1 on the CPU)")
     parser.add_argument("--overwrite", action="store_true", help="predict again even where up-to-date output exists")
     parser.set_defaults(func=run)

@@ -18,9 +18,10 @@ import numpy as np
 from cellmap_repro import settings
 from cellmap_repro.classes import check_classes, class_table
 from cellmap_repro.errors import ReproError
-from cellmap_repro.storage import atomic_directory, multiscale_attrs, read_levels
+from cellmap_repro.storage import atomic_directory, exclusive, multiscale_attrs, read_levels, read_region
 
 ATTRS_KEY = "cellmap_repro"
+LOCK_NAME = ".lock"
 
 
 def process_volume(logits: np.ndarray, threshold: float, instance: bool, connectivity: int = 26, min_size: int = 0) -> np.ndarray:
@@ -41,9 +42,6 @@ def class_threshold(config, class_name: str) -> float:
 
 
 def process(experiment_name: str, experiments_root=None, data_root=None, overwrite: bool = False, progress: bool = True) -> Path:
-    import zarr
-    from tqdm import tqdm
-
     from cellmap_repro.experiment import load_experiment
 
     data = settings.data_root(data_root)
@@ -55,6 +53,15 @@ def process(experiment_name: str, experiments_root=None, data_root=None, overwri
     crops = sorted(p for p in source_root.glob("*.zarr/crop*") if p.is_dir() and not p.name.endswith((".partial", ".old")))
     if not crops:
         raise ReproError(f"no predictions under {source_root} (run `cellmap-repro predict -e {experiment_name}` first)")
+    with exclusive(out_root / LOCK_NAME, f"the processed masks of {experiment_name} ({out_root})"):
+        _process_crops(crops, config, instance_names, out_root, overwrite, progress)
+    return out_root
+
+
+def _process_crops(crops: list[Path], config, instance_names: set[str], out_root: Path, overwrite: bool, progress: bool) -> None:
+    import zarr
+    from tqdm import tqdm
+
     for crop in crops:
         source = zarr.open_group(str(crop), mode="r")
         record = dict(source.attrs.get(ATTRS_KEY, {}))
@@ -74,14 +81,13 @@ def process(experiment_name: str, experiments_root=None, data_root=None, overwri
             out = zarr.open_group(str(partial), mode="w")
             for class_name in tqdm(classes, desc=f"process {crop.parent.name}/{crop.name}", unit="class", disable=not progress):
                 levels = read_levels(crop / class_name)
-                logits = source[class_name][levels[0].path][:]
+                logits = read_region(zarr.open_array(str(crop / class_name / levels[0].path), mode="r"), (slice(None),) * len(levels[0].scale))
                 is_instance = class_name in instance_names
                 result = process_volume(logits, class_threshold(config, class_name), is_instance, config.connectivity, config.min_instance_size)
                 group = out.create_group(class_name)
                 group.attrs.update(multiscale_attrs([levels[0]], name=class_name))
                 group.create_dataset("s0", data=result, chunks=tuple(min(64, s) for s in result.shape), dimension_separator="/")
             out.attrs[ATTRS_KEY] = wanted
-    return out_root
 
 
 def run(args: argparse.Namespace) -> int:

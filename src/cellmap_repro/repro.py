@@ -231,7 +231,7 @@ def register(subparsers) -> None:
     settings.add_data_argument(parser)
     add_override_arguments(parser)
     parser.add_argument("--against", default=None, help="a recorded manifest.json to reproduce (uses its settings)")
-    parser.add_argument("--kill-at", type=int, default=None, help="iteration after which the resume check kills the run (default: random)")
+    parser.add_argument("--kill-at", type=settings.number_flag(1), default=None, help="iteration after which the resume check kills the run (default: random)")
     parser.add_argument("--skip", action="append", choices=["repeat", "resume"], help="skip a check (repeatable)")
     parser.add_argument("--workdir", default=None, help="where scratch copies go (default: system temp)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch runs")

@@ -174,7 +174,7 @@ def run_report(args: argparse.Namespace) -> int:
 def register(subparsers) -> None:
     copy = subparsers.add_parser("seed-copy", help="copy an experiment's configuration as EXP_seedK with random_seed = K", description=__doc__.split("\n\n")[0])
     settings.add_experiment_argument(copy)
-    copy.add_argument("--seed", type=int, required=True, help="the copy's seed")
+    copy.add_argument("--seed", type=settings.SEED_FLAG, required=True, help="the copy's seed")
     copy.set_defaults(func=run_copy)
     summary = subparsers.add_parser("seeds-report", help="mean and spread of the evaluation scores over an experiment's seed copies")
     settings.add_experiment_argument(summary)

@@ -14,10 +14,15 @@ with ``data/...`` paths works on every machine.
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import re
 from pathlib import Path
 
+from cellmap_repro.errors import ReproError
+
 DEFAULT_EXPERIMENT = "setup_04_all"
+SEED_RANGE = (0, 2**63 - 1)
 
 
 def data_root(value: str | os.PathLike | None = None) -> Path:
@@ -70,3 +75,59 @@ def add_data_argument(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="data root (default: $CELLMAP_REPRO_DATA or ./data)",
     )
+
+
+# ---------------------------------------------------------------- numbers from flags and environment
+#
+# Every numeric setting a user types (a flag, an environment variable) is read here:
+# one rule for what counts as a number, one wording for the error.
+
+
+def _bounds(minimum: float | None, maximum: float | None, above: bool = False) -> str:
+    if maximum is None:
+        return f"> {minimum}" if above else f">= {minimum}"
+    return f"from {minimum} to {maximum}"
+
+
+def whole_number(text, minimum: int | None = 0, maximum: int | None = None, name: str | None = None) -> int:
+    """``text`` as a whole number within [minimum, maximum], or one clear error naming ``name``."""
+    value = str(text).strip()
+    if re.fullmatch(r"[+-]?\d+", value):
+        number = int(value)
+        if (minimum is None or number >= minimum) and (maximum is None or number <= maximum):
+            return number
+    raise ReproError(f"{name + ' ' if name else ''}must be a whole number {_bounds(minimum, maximum)}, got {str(text)!r}")
+
+
+def real_number(text, minimum: float, maximum: float | None = None, above: bool = False, name: str | None = None) -> float:
+    """``text`` as a finite number within the bounds (``above``: strictly above ``minimum``)."""
+    try:
+        number = float(str(text).strip())
+    except ValueError:
+        number = math.nan
+    low_ok = number > minimum if above else number >= minimum
+    if math.isfinite(number) and low_ok and (maximum is None or number <= maximum):
+        return number
+    raise ReproError(f"{name + ' ' if name else ''}must be a number {_bounds(minimum, maximum, above)}, got {str(text)!r}")
+
+
+def from_environment(variable: str, minimum: int = 0, maximum: int | None = None) -> int | None:
+    """A whole-number environment variable; None when unset or empty."""
+    text = os.environ.get(variable, "").strip()
+    return whole_number(text, minimum, maximum, name=variable) if text else None
+
+
+def number_flag(minimum: float = 0, maximum: float | None = None, real: bool = False, above: bool = False):
+    """An argparse ``type=`` for a numeric flag: a bad value is one line naming the flag."""
+
+    def parse(text: str):
+        try:
+            return real_number(text, minimum, maximum, above) if real else whole_number(text, minimum, maximum)
+        except ReproError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = "number"  # argparse names the type in some messages
+    return parse
+
+
+SEED_FLAG = number_flag(*SEED_RANGE)

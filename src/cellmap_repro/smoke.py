@@ -87,5 +87,5 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("smoke", help="run the whole pipeline on the tiny synthetic crop", description=__doc__.split("\n\n")[0])
     settings.add_experiment_argument(parser)
     settings.add_data_argument(parser)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the tiny crop (default 0)")
+    parser.add_argument("--seed", type=settings.SEED_FLAG, default=0, help="seed of the tiny crop (default 0)")
     parser.set_defaults(func=run)

@@ -12,6 +12,7 @@ experiments folder is mounted at the same place relative to the united logdir.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import threading
 from pathlib import Path
@@ -74,7 +75,30 @@ def run_unite(args: argparse.Namespace) -> int:
     return 0
 
 
+PORT_ENV = "TENSORBOARD_PORT"
+DEFAULT_PORT = 6006
+
+
+def check_port_free(host: str, port: int) -> None:
+    """One clear line before TensorBoard starts, instead of its error and a zero exit."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ReproError(f"cannot serve TensorBoard on host {host!r}: {exc.strerror}") from None
+    family, kind, proto, _name, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            reason = "in use by another program" if exc.errno == errno.EADDRINUSE else exc.strerror
+            raise ReproError(f"port {port} on {host} is {reason}: pass --port (or set {PORT_ENV}) to serve TensorBoard elsewhere") from None
+
+
 def run_serve(args: argparse.Namespace) -> int:
+    port = args.port if args.port is not None else settings.from_environment(PORT_ENV, 1, 65535) or DEFAULT_PORT
+    check_port_free(args.host, port)
     from tensorboard import program
 
     root = settings.experiments_root(args.experiments_root)
@@ -92,12 +116,14 @@ def run_serve(args: argparse.Namespace) -> int:
 
     threading.Thread(target=refresh, daemon=True).start()
     board = program.TensorBoard()
-    board.configure(argv=[None, "--logdir", str(out), "--host", args.host, "--port", str(args.port), "--reload_interval", "15"])
-    print(f"TensorBoard on http://{args.host}:{args.port}/ (logdir {out}); Ctrl-C stops it")
+    board.configure(argv=[None, "--logdir", str(out), "--host", args.host, "--port", str(port), "--reload_interval", "15"])
+    print(f"TensorBoard on http://{args.host}:{port}/ (logdir {out}); Ctrl-C stops it")
     try:
-        board.main()
+        status = board.main()
     finally:
         stop.set()
+    if status:  # e.g. the port was taken in the moment since the check
+        raise ReproError(f"TensorBoard stopped with status {status} (see its message above)")
     return 0
 
 
@@ -111,6 +137,6 @@ def register(subparsers) -> None:
     serve.add_argument("--experiments-root", default=None, help="folder holding experiment folders (default ./experiments)")
     serve.add_argument("--out", default=None, help=f"united logdir (default <experiments>/{DEFAULT_UNITED})")
     serve.add_argument("--host", default=os.environ.get("TENSORBOARD_HOST", "127.0.0.1"), help="address to listen on (default 127.0.0.1; the container uses 0.0.0.0)")
-    serve.add_argument("--port", type=int, default=int(os.environ.get("TENSORBOARD_PORT", "6006")), help="port (default 6006)")
-    serve.add_argument("--refresh", type=float, default=30.0, help="seconds between re-uniting new runs (default 30)")
+    serve.add_argument("--port", type=settings.number_flag(1, 65535), default=None, help=f"port (default ${PORT_ENV} or {DEFAULT_PORT})")
+    serve.add_argument("--refresh", type=settings.number_flag(0, real=True, above=True), default=30.0, help="seconds between re-uniting new runs (default 30)")
     serve.set_defaults(func=run_serve)

@@ -381,7 +381,7 @@ def register(subparsers) -> None:
     )
     settings.add_data_argument(parser)
     settings.add_experiment_argument(parser)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic scene and weights (default 0)")
+    parser.add_argument("--seed", type=settings.SEED_FLAG, default=0, help="seed of the synthetic scene and weights (default 0)")
     parser.add_argument("--weights", default=None, help="weights cache (default: $CELLMAP_REPRO_WEIGHTS or <data>/weights)")
     parser.add_argument(
         "--no-datasplit",

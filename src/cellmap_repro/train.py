@@ -16,12 +16,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cellmap_repro import checkpoint, determinism, distributed, manifest, settings
+from cellmap_repro import checkpoint, determinism, distributed, manifest, settings, storage
 from cellmap_repro.errors import ReproError
 
 # Fault injection for `verify` and the tests: SIGKILL this process right after the
 # optimizer step of the given iteration, as a crash or a killed job would.
 KILL_AT_ENV = "CELLMAP_REPRO_SIGKILL_AT_ITERATION"
+THREADS_ENV = "CELLMAP_REPRO_THREADS"
+LOCK_NAME = ".lock"
+REPLACED_FOLDER = "replaced-run"
+# Smallest value of each numeric override (flags and API alike); the seed's range is settings.SEED_RANGE.
+OVERRIDE_MINIMUM = {"epochs": 1, "iterations_per_epoch": 1, "batch_size": 1, "validation_batches": 0, "checkpoint_every": 1, "num_workers": 0}
 
 
 @dataclass
@@ -37,6 +42,13 @@ class Overrides:
     num_workers: int | None = None
     augment_device: str | None = None
     allow_tf32: bool | None = None
+
+    def __post_init__(self):
+        for name, minimum in OVERRIDE_MINIMUM.items():
+            if getattr(self, name) is not None:
+                settings.whole_number(getattr(self, name), minimum, name=f"--{name.replace('_', '-')}")
+        if self.seed is not None:
+            settings.whole_number(self.seed, *settings.SEED_RANGE, name="--seed")
 
     def as_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -129,13 +141,75 @@ def _refuse_bad_start(checkpoints_dir: Path, resume: bool, overwrite: bool) -> N
         raise ReproError(f"nothing to resume: no run was started in {checkpoints_dir}")
 
 
-def _clear_previous_run(checkpoints_dir: Path, tensorboard_run: Path) -> None:
-    if checkpoints_dir.exists():
-        for path in sorted(checkpoints_dir.glob("*.pth")) + sorted(checkpoints_dir.glob("*.sha256")) + [checkpoints_dir / manifest.MANIFEST_NAME]:
-            if path.exists():
+class PreviousRun:
+    """The run that ``--overwrite`` replaces, kept in ``checkpoints/replaced-run/`` until the
+    new run has finished; put back if the new run fails before its first checkpoint.
+
+    Setting aside moves the files (checkpoints, sidecars, manifest, TensorBoard run) into
+    ``replaced-run.partial/`` and renames that folder when complete, so a run killed while
+    moving is undone at the next start (:meth:`recover`) instead of losing half the files.
+    """
+
+    def __init__(self, checkpoints_dir: Path):
+        self.checkpoints_dir = checkpoints_dir
+        self.folder = checkpoints_dir / REPLACED_FOLDER
+        self.partial = checkpoints_dir / f"{REPLACED_FOLDER}.partial"
+        self.tensorboard_run: Path | None = None
+
+    def run_files(self) -> list[Path]:
+        names = [*self.checkpoints_dir.glob("*.pth"), *self.checkpoints_dir.glob("*.sha256"), self.checkpoints_dir / manifest.MANIFEST_NAME]
+        return sorted(p for p in names if p.is_file())
+
+    def recover(self) -> None:
+        """Undo a setting-aside that a SIGKILL interrupted; drop temporary files of killed writes."""
+        for stale in self.checkpoints_dir.glob(".*.tmp"):
+            stale.unlink()
+        if self.partial.is_dir():
+            self._move_back(self.partial)
+
+    def set_aside(self, tensorboard_run: Path) -> None:
+        self.tensorboard_run = tensorboard_run
+        files = self.run_files()
+        if self.folder.exists():
+            # The run now here was itself started with --overwrite and killed: the run it
+            # replaced stays aside, the killed one goes.
+            for path in files:
                 path.unlink()
-    # A new run's curves must not mix with the old run's.
-    shutil.rmtree(tensorboard_run, ignore_errors=True)
+            shutil.rmtree(tensorboard_run, ignore_errors=True)
+            return
+        if not files and not tensorboard_run.exists():
+            return
+        self.partial.mkdir()
+        storage.atomic_write_json(self.partial / "origin.json", {"tensorboard": str(tensorboard_run)})
+        for path in files:
+            os.replace(path, self.partial / path.name)
+        if tensorboard_run.exists():
+            shutil.move(tensorboard_run, self.partial / "tensorboard")
+        os.replace(self.partial, self.folder)
+
+    def restore_if_unreplaced(self) -> None:
+        """After a failed start: the new run wrote no checkpoint, so the previous run comes back."""
+        if self.tensorboard_run is None or not self.folder.is_dir() or any(self.checkpoints_dir.glob("*.pth")):
+            return
+        for path in self.run_files():
+            path.unlink()  # the failed start's manifest
+        shutil.rmtree(self.tensorboard_run, ignore_errors=True)
+        self._move_back(self.folder)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _move_back(self, folder: Path) -> None:
+        origin = folder / "origin.json"
+        tensorboard_run = Path(manifest.read(origin)["tensorboard"]) if origin.exists() else self.tensorboard_run
+        if (folder / "tensorboard").exists() and tensorboard_run is not None:
+            shutil.rmtree(tensorboard_run, ignore_errors=True)
+            tensorboard_run.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(folder / "tensorboard", tensorboard_run)
+        for path in sorted(folder.iterdir()):
+            if path.name != "origin.json":
+                os.replace(path, self.checkpoints_dir / path.name)
+        shutil.rmtree(folder)
 
 
 def train(
@@ -147,6 +221,36 @@ def train(
     threads: int | None = None,
     progress: bool = True,
 ) -> TrainResult:
+    """Train an experiment, one run at a time: the experiment's lock is held throughout, and
+    a run replaced by ``overwrite`` is kept until the new run finishes (see PreviousRun).
+    Rank 0 alone (the process that writes the run's files) holds the lock and moves files."""
+    from cellmap_repro.experiment import experiment_checkpoints_dir
+
+    if not distributed.current().main:
+        return _train(experiment_name, experiments_root, overrides, resume, overwrite, threads, progress, None)
+    checkpoints_dir = experiment_checkpoints_dir(experiment_name, experiments_root)
+    with storage.exclusive(checkpoints_dir / LOCK_NAME, f"experiment {experiment_name}"):
+        previous = PreviousRun(checkpoints_dir)
+        previous.recover()
+        try:
+            result = _train(experiment_name, experiments_root, overrides, resume, overwrite, threads, progress, previous)
+        except BaseException:
+            previous.restore_if_unreplaced()
+            raise
+        previous.discard()
+        return result
+
+
+def _train(
+    experiment_name: str,
+    experiments_root,
+    overrides: Overrides | None,
+    resume: bool,
+    overwrite: bool,
+    threads: int | None,
+    progress: bool,
+    previous: PreviousRun | None,
+) -> TrainResult:
     import torch
     from tqdm import tqdm
 
@@ -156,7 +260,7 @@ def train(
 
     overrides = overrides or Overrides()
     world = distributed.current()
-    explicit_threads = threads or (int(os.environ["CELLMAP_REPRO_THREADS"]) if os.environ.get("CELLMAP_REPRO_THREADS") else None)
+    explicit_threads = threads or settings.from_environment(THREADS_ENV, minimum=1)
     torch.set_num_threads(explicit_threads or distributed.cores(world))
     # Checked before the config is loaded: loading builds the model, which may download weights.
     checkpoints_dir = experiment_checkpoints_dir(experiment_name, experiments_root)
@@ -170,8 +274,7 @@ def train(
     device = distributed.device(world)
     if run.augment_device == "cuda" and device.type != "cuda":
         raise ReproError("--augment-device cuda needs a GPU, and this run trains on the CPU")
-    if overwrite and not resume and world.main:
-        _clear_previous_run(checkpoints_dir, experiment.logs_dir / "tensorboard" / config.model_name)
+    kill_at = settings.from_environment(KILL_AT_ENV, minimum=1)
 
     determinism.configure(run.seed, run.threads, config.deterministic, run.allow_tf32)
     model = config.model
@@ -213,6 +316,10 @@ def train(
                 scheduler.load_state_dict(state["scheduler"])
             distributed.restore_rng_states(state["rng"], device)
             iteration, best = int(state["iteration"]), float(state["best_validation"])
+    # Every input is checked by now (config, seed, datasplit, data): only now does the
+    # previous run make way (kept aside until this one finishes).
+    if overwrite and not resume and world.main:
+        previous.set_aside(experiment.logs_dir / "tensorboard" / config.model_name)
     if world.main:
         manifest.write(manifest_path, run_manifest)
 
@@ -221,7 +328,6 @@ def train(
     processes = f"; {world.size} processes ({world.backend})" if world.size > 1 else ""
     log.line(f"{'resume' if resume else 'start'} at iteration {iteration}; settings {run.__dict__}{processes}")
     total = run.epochs * run.iterations_per_epoch
-    kill_at = int(os.environ[KILL_AT_ENV]) if os.environ.get(KILL_AT_ENV) else None
     batches = _training_batches(training_data, run, config, iteration, device, world)
     validation = Validation(training_data, run, device, world)
     trained = distributed.wrap(model, device, world)
@@ -413,16 +519,17 @@ def run_cli(args: argparse.Namespace) -> int:
 def add_override_arguments(parser: argparse.ArgumentParser) -> None:
     from cellmap_repro.data import AUGMENT_DEVICES
 
-    parser.add_argument("--epochs", type=int, default=None, help="override the config's epochs")
-    parser.add_argument("--iterations-per-epoch", type=int, default=None, help="override iterations_per_epoch")
-    parser.add_argument("--batch-size", type=int, default=None, help="override batch_size")
-    parser.add_argument("--validation-batches", type=int, default=None, help="override validation_batches")
-    parser.add_argument("--seed", type=int, default=None, help="override the seed (also: env SEED)")
-    parser.add_argument("--checkpoint-every", type=int, default=None, help="refresh latest.pth every N iterations (default: min(100, iterations per epoch))")
-    parser.add_argument("--num-workers", type=int, default=None, help="loader worker processes (default: data.py's num_workers, else one per core but one); changes no result")
+    at_least = lambda name: settings.number_flag(OVERRIDE_MINIMUM[name])  # noqa: E731
+    parser.add_argument("--epochs", type=at_least("epochs"), default=None, help="override the config's epochs")
+    parser.add_argument("--iterations-per-epoch", type=at_least("iterations_per_epoch"), default=None, help="override iterations_per_epoch")
+    parser.add_argument("--batch-size", type=at_least("batch_size"), default=None, help="override batch_size")
+    parser.add_argument("--validation-batches", type=at_least("validation_batches"), default=None, help="override validation_batches")
+    parser.add_argument("--seed", type=settings.SEED_FLAG, default=None, help="override the seed (also: env SEED)")
+    parser.add_argument("--checkpoint-every", type=at_least("checkpoint_every"), default=None, help="refresh latest.pth every N iterations (default: min(100, iterations per epoch))")
+    parser.add_argument("--num-workers", type=at_least("num_workers"), default=None, help="loader worker processes (default: data.py's num_workers, else one per core but one); changes no result")
     parser.add_argument("--augment-device", choices=AUGMENT_DEVICES, default=None, help="where rotated raw windows are interpolated: cpu (in the loader workers, default) or cuda (the workers only read blocks)")
     parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None, help="allow TF32 in cuDNN/cuBLAS (default: train_config's allow_tf32, True); deterministic either way")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: $CELLMAP_REPRO_THREADS or all cores); part of the reproducibility contract")
+    parser.add_argument("--threads", type=settings.number_flag(1), default=None, help="torch CPU threads (default: $CELLMAP_REPRO_THREADS or all cores); part of the reproducibility contract")
 
 
 def register(subparsers) -> None:
@@ -432,12 +539,12 @@ def register(subparsers) -> None:
     add_override_arguments(parser)
     parser.add_argument(
         distributed.NPROC_FLAG,
-        type=int,
+        type=settings.number_flag(1),
         default=None,
         help="train with N processes through torchrun (one per GPU; on CPU, N gloo processes); the global batch stays batch_size (divisible by N)",
     )
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="continue from checkpoints/latest.pth")
-    group.add_argument("--overwrite", action="store_true", help="delete the experiment's checkpoints and start again")
+    group.add_argument("--overwrite", action="store_true", help="start again; the previous run is kept in checkpoints/replaced-run/ until the new one finishes (put back if it fails before its first checkpoint)")
     group.add_argument("--auto-resume", action="store_true", help="resume the run if one was started, else start one (for requeued cluster jobs)")
     parser.set_defaults(func=run_cli)
