@@ -26,6 +26,8 @@ def test_volume_predict_equals_crop_predict(fast_experiment, tiny_dataset, tmp_p
     data = tmp_path / "data"
     line = fails_with_one_line(capsys, "predict", "-e", "fast", "--data", str(data), "--roi", CROP3_ROI)
     assert "checkpoint 'latest' not found" in line
+    line = fails_with_one_line(capsys, "predict", "-e", "fast", "--data", str(data), "--workers", "2")
+    assert "--workers apply to whole volumes: add --roi and/or --dataset" in line
     train.train("fast", overrides=train.Overrides(epochs=1, iterations_per_epoch=1, batch_size=1, validation_batches=0), progress=False)
     crop = predict.predict("fast", data_root=data, crops="3", progress=False) / "jrc_tiny-1.zarr" / "crop3"
 

@@ -249,16 +249,18 @@ def run_pass(kind: str, spec_path: Path, scratch: Path, grid_shape, block_shape,
 
 def prepare_partial(final: Path, record: dict, overwrite: bool) -> tuple[Path, bool]:
     """The ``.partial`` folder to build ``final`` in, kept when it was started with the same
-    ``record`` (resume), else emptied. True when ``final`` is already up to date."""
+    ``record`` (resume), else emptied. True when ``final`` is (now) up to date."""
     import zarr
 
     if final.exists() and not overwrite and zarr.open_group(str(final), mode="r").attrs.get(ATTRS_KEY) == record:
         return final, True
     partial = final.with_name(final.name + PARTIAL_SUFFIX)
-    spec_file = partial / SPEC_FILE
     if partial.exists():
+        if not overwrite and zarr.open_group(str(partial), mode="r").attrs.get(ATTRS_KEY) == record:
+            finish(partial, final, record)  # every block was done: only the rename was missing
+            return final, True
         try:
-            same = json.loads(spec_file.read_text())["record"] == record
+            same = json.loads((partial / SPEC_FILE).read_text())["record"] == record
         except (FileNotFoundError, json.JSONDecodeError, KeyError):
             same = False
         if overwrite or not same:
@@ -269,12 +271,13 @@ def prepare_partial(final: Path, record: dict, overwrite: bool) -> tuple[Path, b
 
 
 def finish(partial: Path, final: Path, record: dict) -> None:
-    """Mark the output complete (attribute written last) and move it into place."""
+    """Mark the output complete (the record attribute, written after every block), clear
+    the scratch, move it into place."""
     import zarr
 
-    shutil.rmtree(partial / SCRATCH, ignore_errors=True)
-    (partial / SPEC_FILE).unlink()
     zarr.open_group(str(partial), mode="a").attrs[ATTRS_KEY] = record
+    shutil.rmtree(partial / SCRATCH, ignore_errors=True)
+    (partial / SPEC_FILE).unlink(missing_ok=True)
     if final.exists():
         shutil.rmtree(final)
     partial.rename(final)
@@ -290,6 +293,11 @@ def save_arrays(path: Path, **arrays) -> None:
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_arrays(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as stored:  # read now: thousands of blocks would exhaust file handles
+        return dict(stored)
 
 
 # --- predict ----------------------------------------------------------------------------
@@ -406,14 +414,21 @@ class PredictBlocks:
         self.batch_size = record["batch_size"]
 
     def __call__(self, block) -> None:
+        from cellmap_repro.predict import read_padded
+
         begin, end, region = block_slices(block)
-        tiles = list(itertools.product(*(range(int(b), int(e), t) for b, e, t in zip(begin, end, self.out_shape))))
-        logits = np.zeros((len(self.outputs), *(end - begin)), dtype=np.float32)
-        for batch, batch_logits in self.predictor.tile_logits(self.raw, self.grid_start, tiles, self.in_shape, self.out_shape, self.batch_size):
+        size = end - begin
+        out_shape = np.array(self.out_shape)
+        context = np.array(self.in_shape) - out_shape
+        tiles = list(itertools.product(*(range(0, int(n), t) for n, t in zip(size, self.out_shape))))  # from the block's first voxel
+        # Every tile's input read once, as the crop path reads each (zeros outside the raw);
+        # the block's first output voxel sits at window[context // 2].
+        window = read_padded(self.raw, self.grid_start + begin - context // 2, -(-size // out_shape) * out_shape + context)
+        logits = np.zeros((len(self.outputs), *size), dtype=np.float32)
+        for batch, batch_logits in self.predictor.tile_logits(window, context // 2, tiles, self.in_shape, self.out_shape, self.batch_size):
             for tile, tile_logits in zip(batch, batch_logits):
-                low = np.array(tile) - begin
-                high = np.minimum(low + self.out_shape, end - begin)
-                logits[(slice(None), *(slice(a, b) for a, b in zip(low, high)))] = tile_logits[(slice(None), *(slice(0, b - a) for a, b in zip(low, high)))]
+                high = np.minimum(np.array(tile) + out_shape, size)
+                logits[(slice(None), *(slice(a, b) for a, b in zip(tile, high)))] = tile_logits[(slice(None), *(slice(0, b - a) for a, b in zip(tile, high)))]
         for channel, array in enumerate(self.outputs):
             array[region] = logits[channel]
 
@@ -508,7 +523,7 @@ class RelabelBlocks(ProcessBlocks):
     def __call__(self, block) -> None:
         begin, end, region = block_slices(block)
         index = self.index(begin)
-        tables = np.load(self.scratch / "lookup" / f"{index}.npz")
+        tables = load_arrays(self.scratch / "lookup" / f"{index}.npz")
         for class_name in self.instance:
             fragments = self.fragments[class_name][region]
             local = np.where(fragments > 0, fragments - np.uint64(index * self.block_voxels), np.uint64(0))
@@ -520,8 +535,8 @@ def merge_fragments(scratch: Path, instance: list[str], n_blocks: int, block_vox
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    stats = [np.load(scratch / "stats" / f"{b}.npz") for b in range(n_blocks)]
-    pairs = [np.load(scratch / "pairs" / f"{b}.npz") for b in range(n_blocks)]
+    stats = [load_arrays(scratch / "stats" / f"{b}.npz") for b in range(n_blocks)]
+    pairs = [load_arrays(scratch / "pairs" / f"{b}.npz") for b in range(n_blocks)]
     tables: list[dict[str, np.ndarray]] = [{} for _ in range(n_blocks)]
     for class_name in instance:
         counts = [s[f"{class_name}/counts"] for s in stats]
@@ -629,7 +644,13 @@ def add_region_arguments(parser, predicting: bool) -> None:
 
 
 def volume_requested(args) -> bool:
-    return bool(args.roi or args.dataset)
+    """Whole-volume mode (--roi/--dataset); the volume-only flags are refused without it."""
+    if args.roi or args.dataset:
+        return True
+    given = [flag for flag, value in (("--workers", args.workers != 1), ("--launcher", args.launcher), ("--threads", getattr(args, "threads", None)), ("--block-tiles", getattr(args, "block_tiles", None)), ("--raw-path", getattr(args, "raw_path", None))) if value]
+    if given:
+        raise ReproError(f"{', '.join(given)} apply to whole volumes: add --roi and/or --dataset (crops are predicted in one process)")
+    return False
 
 
 def launcher_words(text: str | None) -> tuple[str, ...]:
