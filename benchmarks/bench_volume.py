@@ -13,7 +13,9 @@ predicted from nothing once per worker count, each into its own scratch data roo
 * blocks/s over the whole run (``predict_volume``: the driver's checks, daisy, worker
   start-up including each worker's model load, every block, the final rename);
 * worker start-up: the same run over one block (same worker count);
-* blocks/s after start-up: (blocks - 1) / (whole run - one-block run).
+* blocks/s after start-up: (blocks - 1) / (whole run - one-block run);
+* worker CPU seconds per block after start-up (the same difference, in CPU time of the
+  worker processes): independent of how busy the machine is.
 
 All worker counts must give bitwise equal outputs (checked). The machine is named in the
 output; absolute figures mean something only on a quiet machine.
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import shutil
 import sys
 import tempfile
@@ -60,13 +63,17 @@ def prepare(work: Path) -> Path:
     return work / "raw"
 
 
-def timed_run(data: Path, roi: str | None, workers: int, args) -> tuple[float, Path]:
+def timed_run(data: Path, roi: str | None, workers: int, args) -> tuple[float, float, Path]:
+    """Wall seconds, CPU seconds of the workers (children, waited for), output folder."""
     from cellmap_repro import volume
 
     shutil.rmtree(data, ignore_errors=True)
+    cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     out = volume.predict_volume("fast", data_root=data, roi=roi, dataset="jrc_tiny-1", workers=workers, threads=args.threads, block_tiles=args.block_tiles, progress=False)
-    return time.perf_counter() - start, out
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, after.ru_utime + after.ru_stime - cpu.ru_utime - cpu.ru_stime, out
 
 
 def main() -> None:
@@ -88,21 +95,21 @@ def main() -> None:
         work = Path(scratch)
         prepare(work)
         for workers in args.workers:
-            whole, out = timed_run(work / f"data-{workers}", args.roi, workers, args)
+            whole, whole_cpu, out = timed_run(work / f"data-{workers}", args.roi, workers, args)
             record = zarr.open_group(str(out), mode="r").attrs["cellmap_repro"]
             blocks = int(np.prod([-(-s // b) for s, b in zip(record["shape"], record["block"])]))
             outputs.append({name: zarr.open_array(str(out / name / "s0"), mode="r")[:] for name in record["classes"]})
-            startup, _ = timed_run(work / f"one-{workers}", one_block, workers, args)
-            rows.append((workers, blocks, record["block"], whole, startup))
+            startup, startup_cpu, _ = timed_run(work / f"one-{workers}", one_block, workers, args)
+            rows.append((workers, blocks, record["block"], whole, startup, (whole_cpu - startup_cpu) / (blocks - 1)))
     equal = all(all(np.array_equal(o[k], outputs[0][k]) for k in o) for o in outputs[1:])
     print(f"machine: {machine(args.device)}; fast experiment, {args.threads} torch thread(s) per worker, load average {os.getloadavg()[0]:.1f}")
-    print("| workers | blocks (voxels each) | whole run | blocks/s | start-up (one block) | blocks/s after start-up |")
-    print("|---|---|---|---|---|---|")
-    for workers, blocks, block, whole, startup in rows:
+    print("| workers | blocks (voxels each) | whole run | blocks/s | start-up (one block) | blocks/s after start-up | worker CPU per block |")
+    print("|---|---|---|---|---|---|---|")
+    for workers, blocks, block, whole, startup, cpu in rows:
         steady = (blocks - 1) / max(whole - startup, 1e-9)
-        print(f"| {workers} | {blocks} ({'x'.join(map(str, block))}) | {whole:.1f} s | {blocks / whole:.2f} | {startup:.1f} s | {steady:.2f} |")
+        print(f"| {workers} | {blocks} ({'x'.join(map(str, block))}) | {whole:.1f} s | {blocks / whole:.2f} | {startup:.1f} s | {steady:.2f} | {cpu:.2f} s |")
     base = rows[0]
-    for workers, blocks, _, whole, startup in rows[1:]:
+    for workers, blocks, _, whole, startup, _ in rows[1:]:
         print(f"{workers} workers vs {base[0]}: {(blocks / whole) / (base[1] / base[3]):.2f}x blocks/s overall, {((blocks - 1) / (whole - startup)) / ((base[1] - 1) / (base[3] - base[4])):.2f}x after start-up")
     print(f"outputs of every worker count bitwise equal: {equal}")
     if not equal:

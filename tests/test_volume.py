@@ -38,21 +38,46 @@ def test_volume_predict_equals_crop_predict(fast_experiment, tiny_dataset, tmp_p
     assert fails_with_one_line(capsys, "predict", "-e", "fast", "--data", str(data), "--roi", "1:2,3:4").endswith("got '1:2,3:4'")
     assert not (data / "predictions" / "fast" / "jrc_nowhere-1.zarr").exists()
 
+    line = fails_with_one_line(capsys, "predict", "-e", "fast", "--data", str(data), "--roi", CROP3_ROI, "--workers", "0")
+    assert line.endswith("--workers must be at least 1, got 0")
+    line = fails_with_one_line(capsys, "predict", "-e", "fast", "--data", str(data), "--roi", CROP3_ROI, "--block-tiles", "0")
+    assert line.endswith("--block-tiles must be at least 1, got 0")
+
     # The same raw under another name, found through the data-root layout; two workers,
-    # one block per tile, as CELLMAP_REPRO_THREADS=1 (the fixture's) crop prediction ran.
+    # one block per tile (2x2x2 blocks), as CELLMAP_REPRO_THREADS=1 (the fixture's) crop
+    # prediction ran. Raw chunk 1/1/1 (voxels 64:128) is read by block (0, 0, 0) only: with
+    # it corrupt, that block fails and the seven others finish, as a run killed part-way.
     copy = data / "jrc_copy-1" / "jrc_copy-1.zarr"
     shutil.copytree(tiny_dataset, copy)
-    final = volume.predict_volume("fast", data_root=data, roi=CROP3_ROI, dataset="jrc_copy-1", workers=2, block_tiles=1, progress=False)
-    assert final == data / "predictions" / "fast" / "jrc_copy-1.zarr" / "roi_796-1180_860-1244_812-1196"
+    chunk = copy / "recon-1" / "em" / "fibsem-uint8" / "s0" / "1" / "1" / "1"
+    good = chunk.read_bytes()
+    chunk.write_bytes(b"not a blosc frame")
+    argv = ["predict", "-e", "fast", "--data", str(data), "--roi", CROP3_ROI, "--dataset", "jrc_copy-1", "--workers", "2", "--block-tiles", "1"]
+    line = fails_with_one_line(capsys, *argv)
+    assert "predict: 1 of 8 blocks failed (worker logs: " in line and "run the same command again" in line
+    final = data / "predictions" / "fast" / "jrc_copy-1.zarr" / "roi_796-1180_860-1244_812-1196"
+    partial = final.with_name(final.name + ".partial")
+    assert partial.exists() and not final.exists(), "an interrupted volume is never presented as complete"
+    done = {p.relative_to(partial / "mito" / "s0"): p.stat().st_mtime_ns for p in (partial / "mito" / "s0").glob("*/*/*")}
+    assert len(done) == 7 and Path("0/0/0") not in done
+
+    chunk.write_bytes(good)
+    assert cli.main(argv) == 0
+    assert not partial.exists()
+    assert all((final / "mito" / "s0" / p).stat().st_mtime_ns == t for p, t in done.items()), "finished blocks are not predicted again"
     for name in ("ecs", "pm", "mito_mem", "mito_lum", "cyto", "nuc", "ves", "golgi", "mito", "cell"):
         blockwise = zarr.open_array(str(final / name / "s0"), mode="r")
         assert blockwise.chunks == (32, 32, 32), "one chunk per block: no two workers write the same chunk"
         assert np.array_equal(blockwise[:], zarr.open_array(str(crop / name / "s0"), mode="r")[:]), f"{name} differs from crop predict"
         assert read_levels(final / name) == read_levels(crop / name)
     assert sorted(p.name for p in final.iterdir() if p.name.startswith(".")) == [".zattrs", ".zgroup"], "no scratch left"
-    assert not final.with_name(final.name + ".partial").exists()
 
-    before = (final / "mito" / "s0" / ".zarray").stat().st_mtime_ns
+    # Killed after the last block but before the rename: the rerun only renames.
+    final.rename(partial)
+    before = (partial / "mito" / "s0" / ".zarray").stat().st_mtime_ns
+    assert volume.predict_volume("fast", data_root=data, roi=CROP3_ROI, dataset="jrc_copy-1", workers=2, block_tiles=1, progress=False) == final
+    assert (final / "mito" / "s0" / ".zarray").stat().st_mtime_ns == before and not partial.exists()
+    assert "up to date, skipped" in capsys.readouterr().out
     volume.predict_volume("fast", data_root=data, roi=CROP3_ROI, dataset="jrc_copy-1", workers=2, block_tiles=1, progress=False)
     assert (final / "mito" / "s0" / ".zarray").stat().st_mtime_ns == before
     assert "up to date, skipped" in capsys.readouterr().out

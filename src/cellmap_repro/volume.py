@@ -197,7 +197,9 @@ class Worker:
 
 def serve(kind: str, spec_path: str) -> None:
     import daisy
+    from numcodecs import blosc
 
+    blosc.use_threads = False  # workers share the cores; each compresses its own chunks
     spec = json.loads(Path(spec_path).read_text())
     client = daisy.Client()
     handler = HANDLERS[kind](spec, client.worker_id)
@@ -328,8 +330,9 @@ def predict_volume(
     """Predict a region blockwise; returns the output folder (one ``<class>/s0`` per class)."""
     from cellmap_repro.predict import load_predictor
 
-    if workers < 1:
-        raise ReproError(f"--workers must be at least 1, got {workers}")
+    for flag, value in (("--workers", workers), ("--threads", threads), ("--block-tiles", block_tiles), ("--batch-size", batch_size)):
+        if value is not None and value < 1:
+            raise ReproError(f"{flag} must be at least 1, got {value}")
     data = settings.data_root(data_root)
     threads = threads or default_threads()
     # The driver loads the checkpoint too: every input error surfaces here, before any worker starts.
@@ -340,8 +343,6 @@ def predict_volume(
     grid_start, grid_shape = region_grid(region, level, raw.shape)
     in_shape, out_shape = predictor.tile_shapes(grid_shape)
     tiles = block_tiles or math.ceil(DEFAULT_BLOCK_EDGE / max(out_shape))
-    if tiles < 1:
-        raise ReproError(f"--block-tiles must be at least 1, got {tiles}")
     block_shape = [int(t * tiles) for t in out_shape]
     final = settings.volume_dir(settings.predictions_root(data, experiment_name), region.dataset, region.name)
     record = {
