@@ -3,6 +3,8 @@
 
 EXP ?= setup_04_all
 ARGS ?=
+# training processes (one per GPU) through torchrun; unset or 1: one process
+GPUS ?=
 PYTHON ?= python3
 VENV ?= .venv
 DOCKER ?= docker
@@ -26,7 +28,7 @@ $(error RUNNER must be local or docker, not '$(RUNNER)')
 endif
 
 .DEFAULT_GOAL := help
-.PHONY: gpu-check image image-if-missing lint lock help install smoke tiny-crop download weights datasplit train predict process evaluate pack view verify tensorboard unite-logs test
+.PHONY: bsub gpu-check image image-if-missing lint lock help install sbatch smoke tiny-crop download weights datasplit train predict process evaluate pack view verify tensorboard unite-logs test
 
 help: ## list the targets
 	@echo "cellmap-repro (RUNNER=$(RUNNER), EXP=$(EXP)); pass extra flags with ARGS='...'"
@@ -56,8 +58,8 @@ weights: $(STAGE_DEPS) ## download the real setup04 weights into data/weights
 datasplit: $(STAGE_DEPS) ## write EXP's datasplit.csv from the crops in data/
 	$(call cli,train) datasplit -e $(EXP) $(ARGS)
 
-train: $(STAGE_DEPS) ## train EXP (ARGS='--resume' to continue)
-	$(call cli,train) train -e $(EXP) $(ARGS)
+train: $(STAGE_DEPS) ## train EXP (ARGS='--resume' to continue; GPUS=N: N processes, one per GPU, through torchrun)
+	$(call cli,train) train -e $(EXP) $(if $(filter-out 1,$(GPUS)),--nproc $(GPUS)) $(ARGS)
 
 predict: $(STAGE_DEPS) ## predict EXP's validation crops
 	$(call cli,predict) predict -e $(EXP) $(ARGS)
@@ -93,6 +95,23 @@ endif
 gpu-check: $(STAGE_DEPS) ## check GPU, driver and CUDA for the image (in the train service's container)
 	$(call cli,train) gpu-check
 
+# ---------------------------------------------------------------- clusters (docs/cluster.md)
+JOB ?= train
+SEEDS ?= 0-4
+SBATCH_ARGS ?=
+BSUB_ARGS ?=
+
+sbatch: ## submit a Slurm job for EXP: JOB=train (default), smoke, predict, verify, or seeds (SEEDS=0-4, then the report); SBATCH_ARGS='...'
+ifeq ($(JOB),seeds)
+	jid=$$(EXP=$(EXP) ARGS='$(ARGS)' sbatch --parsable --array=$(SEEDS) $(SBATCH_ARGS) cluster/slurm/seeds.sbatch) \
+	  && echo "seeds: job array $$jid" && EXP=$(EXP) sbatch --dependency=afterany:$$jid cluster/slurm/seeds-report.sbatch
+else
+	EXP=$(EXP) ARGS='$(ARGS)' sbatch $(SBATCH_ARGS) cluster/slurm/$(JOB).sbatch
+endif
+
+bsub: ## submit an LSF job for EXP (untested): JOB=train, smoke, predict, verify or seeds; BSUB_ARGS='-q gpu_h100'
+	EXP=$(EXP) ARGS='$(ARGS)' bsub $(BSUB_ARGS) < cluster/lsf/$(JOB).bsub
+
 test: $(VENV)/.installed ## run the test suite (natively)
 	$(VENV)/bin/python -m pytest $(ARGS)
 
@@ -114,7 +133,7 @@ REVISION ?= $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
 LOCK_SHA256 := $(shell sha256sum requirements.txt | cut -d' ' -f1)
 export UID := $(shell id -u)
 export GID := $(shell id -g)
-export IMAGE REVISION LOCK_SHA256 EXP
+export IMAGE REVISION LOCK_SHA256 EXP GPUS
 # GPU reservations only where an NVIDIA driver exists; otherwise the CPU override.
 export COMPOSE_FILE ?= $(if $(shell command -v nvidia-smi 2>/dev/null),compose.yaml,compose.yaml:compose.cpu.yaml)
 # Compose v2 from the dev tools when the docker CLI has no compose plugin (lint only)

@@ -195,6 +195,15 @@ def test_compose_services_mount_the_host_folders_and_reserve_gpus(tmp_path):
         assert "BASE_IMAGE" not in service["build"]["args"]
 
 
+def test_gpu_services_run_on_a_read_only_image_with_a_private_tmp(tmp_path):
+    # what the container smoke (train service) then proves works: nothing writes into the image
+    for files in (("compose.yaml",), ("compose.yaml", "compose.cpu.yaml")):
+        services = compose_config(tmp_path, *files)["services"]
+        for name in GPU_SERVICES:
+            assert services[name].get("read_only") is True, (files, name)
+            assert "/tmp" in services[name].get("tmpfs", []), (files, name)
+
+
 def test_tensorboard_is_published_on_loopback_only(tmp_path):
     service = compose_config(tmp_path, "compose.yaml")["services"]["tensorboard"]
     assert service["command"][:3] == ["tensorboard", "--host", "0.0.0.0"]

@@ -33,6 +33,7 @@ def test_pack_writes_a_valid_submission(tmp_path, tiny_dataset):
     with zipfile.ZipFile(out) as archive:
         names = archive.namelist()
     assert ".zgroup" in names and "crop3/ecs/.zarray" in names
+    assert all(name == name.strip("/") and not {"", ".", ".."} & set(name.split("/")) for name in names)  # members relative and clean
     root = zarr.open_group(zarr.ZipStore(str(out), mode="r"), mode="r")
     truth = zarr.open_array(str(tiny_dataset / "recon-1/labels/groundtruth/crop3/ecs/s0"), mode="r")[:]
     assert root["crop3/ecs"].dtype == np.uint8
@@ -102,3 +103,45 @@ def test_a_packed_zip_scores_as_the_processed_predictions_do(tmp_path, tiny_data
         result = evaluate_submission(out, truth_zarr, tmp_path / f"scores-{leaderboard}", leaderboard=leaderboard, progress=False)
         assert result["overall_score"] == pytest.approx(1.0)
         assert [w for w in result["warnings"] if "OR-Tools" not in w] == []
+
+
+# --- manifest fields and zarr attributes that would read outside data/processed/<exp> (issue 13)
+
+OUTSIDE_ROWS = {
+    "dataset with ..": "3,../../../elsewhere/jrc_tiny-1,ecs,{geometry}",
+    "absolute dataset": "3,{elsewhere}/jrc_tiny-1,ecs,{geometry}",
+    "class_label with ..": "3,jrc_tiny-1,../../../../../elsewhere/jrc_tiny-1.zarr/crop3/ecs,{geometry}",
+    "class_label with backslashes": "3,jrc_tiny-1,..\\..\\..\\..\\..\\elsewhere\\jrc_tiny-1.zarr\\crop3\\ecs,{geometry}",
+    "class_label naming a sibling": "3,jrc_tiny-1,nuc/../ecs,{geometry}",
+    "class_label with a folder": "3,jrc_tiny-1,ecs/s0,{geometry}",
+}
+
+
+@pytest.mark.parametrize("row", OUTSIDE_ROWS.values(), ids=OUTSIDE_ROWS.keys())
+def test_manifest_fields_that_leave_the_processed_folder_are_refused(tmp_path, tiny_dataset, capsys, row):
+    from cellmap_repro.cli import main
+
+    data_root, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    write_processed(data_root / "processed" / "fast", tiny_dataset, 3, ["ecs", "nuc"])
+    write_processed(elsewhere, tiny_dataset, 3, ["ecs"])  # a prediction the manifest must not reach
+    path = manifest(tmp_path, [row.format(elsewhere=elsewhere, geometry="[4.0;4.0;4.0],[798.0;862.0;814.0],[96;96;96]") + "\n"])
+    assert main(["pack", "-e", "fast", "--data", str(data_root), "--manifest", str(path), "--out", str(tmp_path / "s.zip")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and f"{path}: crop 3" in error[0] and "refused" in error[0]
+    assert not (tmp_path / "s.zip").exists()
+
+
+def test_a_level_path_leaving_the_prediction_group_is_refused(tmp_path, tiny_dataset):
+    import json
+
+    data_root, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    write_processed(data_root / "processed" / "fast", tiny_dataset, 3, ["ecs"])
+    write_processed(elsewhere, tiny_dataset, 3, ["ecs"])
+    attrs_file = data_root / "processed/fast/jrc_tiny-1.zarr/crop3/ecs/.zattrs"
+    attrs = json.loads(attrs_file.read_text())
+    attrs["multiscales"][0]["datasets"][0]["path"] = "../../../../../../elsewhere/jrc_tiny-1.zarr/crop3/ecs/s0"
+    attrs_file.write_text(json.dumps(attrs))
+    path = manifest(tmp_path, ["3,jrc_tiny-1,ecs,[4.0;4.0;4.0],[798.0;862.0;814.0],[96;96;96]\n"])
+    with pytest.raises(ReproError, match=f"level path in {attrs_file} '../../../../../../elsewhere/.*' is not a path inside"):
+        pack("fast", path, data_root, tmp_path / "s.zip")
+    assert not (tmp_path / "s.zip").exists()

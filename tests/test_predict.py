@@ -1,5 +1,6 @@
 """predict and process on the fast experiment: test-crop manifests, resume, skip when up to date."""
 
+import re
 import shutil
 
 import numpy as np
@@ -81,3 +82,13 @@ def test_batched_tiles_predict_what_single_tiles_do(fast_experiment, tmp_path):
         one = zarr.open_array(str(single / "jrc_tiny-1.zarr" / "crop3" / name / "s0"), mode="r")[:]
         three = zarr.open_array(str(batched / "jrc_tiny-1.zarr" / "crop3" / name / "s0"), mode="r")[:]
         assert one.shape == (48, 48, 48) and np.allclose(one, three, atol=1e-5)
+
+
+@pytest.mark.parametrize("dataset", ["../elsewhere", "/tmp/elsewhere", "jrc_tiny-1/../../elsewhere", "a\\..\\..\\b"])
+def test_a_test_manifest_dataset_outside_the_data_root_is_refused(tmp_path, dataset):
+    from cellmap_repro.errors import ReproError
+
+    manifest = tmp_path / "test_crop_manifest.csv"
+    manifest.write_text(f"crop_name,dataset,class_label,voxel_size,translation,shape\n3,{dataset},ecs,[4;4;4],[798;862;814],[96;96;96]\n")
+    with pytest.raises(ReproError, match=re.escape(f"{manifest}: crop 3 dataset {dataset!r}") + " is not a (plain name|path) inside"):
+        predict.targets_from_manifest(manifest, tmp_path / "data")

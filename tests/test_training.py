@@ -113,3 +113,19 @@ def test_resume_with_changed_settings_is_refused(fast_experiment):
     changed = cli("train", "-e", "fast", *CLI_FAST[:-2], "--checkpoint-every", "2", "--resume")
     assert changed.returncode == 2
     assert "changed since" in changed.stderr
+
+
+def test_auto_resume_starts_a_run_then_continues_it(fast_experiment):
+    """What a requeued cluster job runs: the same command first and after being killed.
+
+    (That a resumed run equals the uninterrupted one is tested above; this is the choice.)
+    """
+    killed = cli("train", "-e", "fast", *CLI_FAST, "--auto-resume", env={train.KILL_AT_ENV: "4"})
+    assert killed.returncode == -9, killed.stderr
+    cli("train", "-e", "fast", *CLI_FAST, "--auto-resume", check=True)
+    log = (fast_experiment / "logs" / "train.log").read_text()
+    assert "start at iteration 0" in log and "resume at iteration 3" in log
+    assert set(epoch_hashes(fast_experiment / "checkpoints")) == {"1", "2"}
+    # a changed configuration is not silently continued
+    changed = cli("train", "-e", "fast", *CLI_FAST[:-2], "--checkpoint-every", "2", "--auto-resume")
+    assert changed.returncode == 2 and "changed since" in changed.stderr

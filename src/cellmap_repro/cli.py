@@ -16,28 +16,36 @@ import sys
 from cellmap_repro import __version__
 from cellmap_repro.errors import ReproError
 
+# Subcommand -> the module that registers it. `cellmap-repro <stage>` imports only that
+# module: importing every stage (torch, scipy, zarr, ...) cost seconds on each start.
+STAGE_VERBS = {
+    "tiny-crop": "tiny_crop",
+    "fetch": "fetch",
+    "datasplit": "datasplit",
+    "weights": "model",
+    "train": "train",
+    "predict": "predict",
+    "process": "process",
+    "evaluate": "evaluate",
+    "pack": "pack",
+    "view": "view",
+    "tensorboard": "tensorboard",
+    "unite-logs": "tensorboard",
+    "verify": "repro",
+    "seed-copy": "seeds",
+    "seeds-report": "seeds",
+    "smoke": "smoke",
+    "gpu-check": "gpu",
+}
+
 # Module names under cellmap_repro, in the order `--help` lists them.
-STAGE_MODULES = (
-    "tiny_crop",
-    "fetch",
-    "datasplit",
-    "model",
-    "train",
-    "predict",
-    "process",
-    "evaluate",
-    "pack",
-    "view",
-    "tensorboard",
-    "repro",
-    "smoke",
-    "gpu",
-)
+STAGE_MODULES = tuple(dict.fromkeys(STAGE_VERBS.values()))
 
 EXIT_USER_ERROR = 2
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
+    """The full parser, or only ``stage``'s subcommand when it is a known one."""
     parser = argparse.ArgumentParser(
         prog="cellmap-repro",
         description="Reproducible CellMap Segmentation Challenge experiments.",
@@ -45,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log library messages too")
     subparsers = parser.add_subparsers(dest="stage", metavar="<stage>")
-    for name in STAGE_MODULES:
+    for name in (STAGE_VERBS[stage],) if stage in STAGE_VERBS else STAGE_MODULES:
         try:
             module = importlib.import_module(f"cellmap_repro.{name}")
         except ModuleNotFoundError as exc:
@@ -58,8 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(next((word for word in argv if not word.startswith("-")), None))
     args = parser.parse_args(argv)
+    # as typed, for a stage that hands itself over to another launcher (train --nproc)
+    args.command_line = list(sys.argv[1:] if argv is None else argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USER_ERROR

@@ -38,6 +38,7 @@ from cellmap_repro.classes import class_relations
 from cellmap_repro.datasplit import DatasplitRow, check_paths_exist, read_datasplit
 from cellmap_repro.determinism import derived_seed
 from cellmap_repro.errors import ReproError
+from cellmap_repro.fetch_record import require_window_fetched
 from cellmap_repro.storage import read_levels
 
 INPUT_KEY = "input"
@@ -46,9 +47,11 @@ VALIDATION_STREAM = 1 << 20  # keeps validation seeds apart from training positi
 AUGMENT_DEVICES = ("cpu", "cuda")
 
 
-def check_rows(rows: list[DatasplitRow], input_scale, target_scale, where: str) -> None:
+def check_rows(rows: list[DatasplitRow], input_scale, target_scale, where: str, input_shape=None, rotates: bool = False) -> None:
     check_paths_exist(rows, where)
     for row in rows:
+        if input_shape is not None:  # every window around the crop lies on fetched raw
+            require_window_fetched(row.raw_group, row.label_group(row.classes[0]), row.crop_id, input_shape, input_scale, rotates, where)
         raw_levels = read_levels(row.raw_group, where=f"{where}: raw of crop {row.crop_id}")
         finest = raw_levels[0].scale
         if any(f > s * 1.01 for f, s in zip(finest, input_scale)):
@@ -215,25 +218,29 @@ class SamplePlan:
         return augment.Window(spec.center(local), tuple(shape), tuple(scale))
 
     def _target(self, spec: CropSpec, local: int, augmentation: augment.Augmentation):
+        """(classes, *window) targets: annotated classes read and transformed, the others
+        NaN (unknown) except where an annotated class that excludes them is present."""
         import torch
 
         window = self._window(spec, local, self.target_window)
         transforms = self.value_transforms()
-        arrays = {}
+        labels = augment.read_labels(spec.labels, window, augmentation)
+        shape = augment.transpose(cellmap_layout(torch.empty(window.shape), augmentation), augmentation).shape
+        target = torch.full((len(self.classes), *shape), float("nan"))
         for index, name in enumerate(self.classes):
-            if name in spec.labels:
-                values = augment.transpose(cellmap_layout(augment.read_label(spec.labels[name], window, augmentation), augmentation), augmentation)
+            if name in labels:
+                values = augment.transpose(cellmap_layout(labels[name], augmentation), augmentation)
                 transform = transforms.for_class(name, index)
-                arrays[name] = (transform(values) if transform is not None else values).to(torch.float32)
-        unknown = augment.transpose(cellmap_layout(torch.full(tuple(window.shape), float("nan")), augmentation), augmentation)
-        for name in self.classes:
-            if name in arrays:
-                continue
-            values = unknown.clone()
-            for other in spec.inferred.get(name, ()):
-                values[arrays[other] > 0] = 0.0  # a voxel of an excluding class is a true negative
-            arrays[name] = values
-        return torch.stack([arrays[name] for name in self.classes])
+                target[index] = transform(values) if transform is not None else values
+        inferred = [name for name in spec.inferred if name in self.classes]
+        if inferred:
+            annotated = [name for name in self.classes if name in labels]
+            present = torch.stack([target[self.classes.index(name)] > 0 for name in annotated]).flatten(1).float()
+            excludes = torch.tensor([[float(other in spec.inferred[name]) for other in annotated] for name in inferred])
+            excluded = (excludes @ present > 0).reshape(len(inferred), *shape)
+            rows = [self.classes.index(name) for name in inferred]
+            target[rows] = torch.where(excluded, 0.0, target[rows])
+        return target
 
 
 def cellmap_layout(values, augmentation: augment.Augmentation):
@@ -273,7 +280,8 @@ def build(experiment, datasplit_path: Path | None = None) -> TrainingData:
     config = experiment.train
     path = Path(datasplit_path or experiment.datasplit_path)
     rows = read_datasplit(path)
-    check_rows(rows, config.input_array_info.scale, config.target_array_info.scale, str(path))
+    rotates = "rotate" in (config.spatial_transforms or {})
+    check_rows(rows, config.input_array_info.scale, config.target_array_info.scale, str(path), config.input_array_info.shape, rotates)
     input_arrays = {INPUT_KEY: {"shape": config.input_array_info.shape, "scale": config.input_array_info.scale}}
     target_arrays = {TARGET_KEY: {"shape": config.target_array_info.shape, "scale": config.target_array_info.scale}}
     # Without masking every class still gets an (empty) entry: cellmap-data 2026.2.28.30
@@ -411,8 +419,12 @@ def _quiet_worker(_worker_id: int) -> None:
     logging.getLogger("cellmap_data").setLevel(logging.ERROR)
 
 
-def loader(samples, batch_size: int, num_workers: int, start: int = 0, pin_memory: bool = False):
-    """Batches of ``samples`` from position ``start`` on, in order, from ``num_workers`` spawned workers."""
+def loader(samples, batch_size: int, num_workers: int, start: int = 0, pin_memory: bool = False, shard: tuple[int, int] = (0, 1)):
+    """Batches of ``samples`` from position ``start`` on, in order, from ``num_workers`` spawned workers.
+
+    ``shard = (rank, processes)``: this rank's positions only, ``start + rank`` and every
+    ``processes``-th after it (``batch_size`` is then the rank's share of the batch).
+    """
     from torch.utils.data import DataLoader
 
     import torch
@@ -421,7 +433,7 @@ def loader(samples, batch_size: int, num_workers: int, start: int = 0, pin_memor
     # Its own generator: a DataLoader draws a worker base seed from the global RNG each
     # time it starts iterating, which would make the training RNG depend on the worker
     # count. The samples do not use that seed (see SamplePlan.read).
-    return DataLoader(samples, batch_size=batch_size, sampler=range(start, len(samples)), num_workers=num_workers, collate_fn=collate, pin_memory=pin_memory, generator=torch.Generator().manual_seed(0), **workers)
+    return DataLoader(samples, batch_size=batch_size, sampler=range(start + shard[0], len(samples), shard[1]), num_workers=num_workers, collate_fn=collate, pin_memory=pin_memory, generator=torch.Generator().manual_seed(0), **workers)
 
 
 def finish_batch(batch: dict, plan: SamplePlan, device) -> tuple:
@@ -473,8 +485,8 @@ def _ready(tensors: tuple, side):
     return tensors
 
 
-def default_workers() -> int:
-    """As many loader workers as the cores allow, one core left to the training process."""
+def default_workers(processes: int = 1) -> int:
+    """As many loader workers as a training process's share of the cores allows, one core left to it."""
     from cellmap_repro.determinism import available_cores
 
-    return max(0, min(available_cores() - 1, 16))
+    return max(0, min(available_cores() // processes - 1, 16))

@@ -8,6 +8,9 @@ label container, crop group path followed by the bracketed class list, e.g.
 Writing from disk scans ``<data>/<dataset>/<dataset>.zarr/recon-1/labels/groundtruth``,
 keeps the crops holding at least one requested class and draws each crop's usage with
 a seeded generator over the sorted crop list, so the same inputs give the same file.
+``validation_prob`` and ``force_all_classes`` come from the experiment's ``data.py``
+unless a flag overrides them; with two or more crops at least one is validated and one
+trained on (see :func:`make_datasplit`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from cellmap_repro.errors import ReproError
 from cellmap_repro.storage import atomic_write_text
 
 USAGES = ("train", "validate")
+DEFAULT_SEED = 13
 RAW_ARRAY = "recon-1/em/fibsem-uint8"
 GROUNDTRUTH = "recon-1/labels/groundtruth"
 _CROP_FIELD = re.compile(r"^(?P<crop_path>.+/crop(?P<crop_id>\d+))/\[(?P<classes>[^\]]*)\]$")
@@ -105,6 +109,34 @@ def read_datasplit(path: Path) -> list[DatasplitRow]:
     return parse_datasplit(path.read_text(), str(path))
 
 
+def crop_ids(text: str, flag: str, words: str) -> set[int]:
+    """Crop ids like ``1,2`` given on the command line, or one line saying what is allowed."""
+    try:
+        wanted = {int(c) for c in text.split(",") if c.strip()}
+    except ValueError:
+        wanted = set()
+    if not wanted:
+        raise ReproError(f"{flag} must be {words} or crop ids like 1,2; got {text!r}")
+    return wanted
+
+
+def select_rows(rows: list[DatasplitRow], which: str, flag: str = "--crops") -> list[DatasplitRow]:
+    """The datasplit rows ``which`` names: validate, train, all, or crop ids like 1,2."""
+    if which in USAGES:
+        chosen = [r for r in rows if r.usage == which]
+    elif which == "all":
+        chosen = list(rows)
+    else:
+        wanted = crop_ids(which, flag, "validate, train, all")
+        chosen = [r for r in rows if r.crop_id in wanted]
+        missing = wanted - {r.crop_id for r in chosen}
+        if missing:
+            raise ReproError(f"crop(s) {sorted(missing)} are not in the datasplit")
+    if not chosen:
+        raise ReproError(f"the datasplit has no '{which}' crops")
+    return chosen
+
+
 def check_paths_exist(rows: list[DatasplitRow], where: str) -> None:
     """Fail on the first raw array or label group of a row that is not on disk."""
     for row in rows:
@@ -127,58 +159,92 @@ def write_datasplit(path: Path, rows: list[DatasplitRow]) -> None:
     atomic_write_text(path, format_datasplit(rows))
 
 
+def scan_container(container: Path) -> list[tuple[Path, int, list[str]]]:
+    """(container, crop id, annotated classes) for every ground-truth crop of one container, by id."""
+    groundtruth = container / GROUNDTRUTH
+    if not groundtruth.is_dir():
+        return []
+    found = []
+    for crop in sorted(groundtruth.glob("crop*"), key=lambda p: (len(p.name), p.name)):
+        if not crop.name[4:].isdigit():
+            continue
+        classes = sorted(p.name for p in crop.iterdir() if (p / ".zattrs").exists() and p.name != "all")
+        found.append((container, int(crop.name[4:]), classes))
+    return found
+
+
 def scan_crops(data_root: Path) -> list[tuple[Path, int, list[str]]]:
     """(container, crop id, annotated classes) for every ground-truth crop on disk, sorted."""
-    found = []
-    for container in sorted(data_root.glob("*/*.zarr")):
-        groundtruth = container / GROUNDTRUTH
-        if not groundtruth.is_dir():
-            continue
-        for crop in sorted(groundtruth.glob("crop*"), key=lambda p: (len(p.name), p.name)):
-            if not crop.name[4:].isdigit():
-                continue
-            classes = sorted(p.name for p in crop.iterdir() if (p / ".zattrs").exists() and p.name != "all")
-            found.append((container, int(crop.name[4:]), classes))
-    return found
+    return [crop for container in sorted(data_root.glob("*/*.zarr")) for crop in scan_container(container)]
 
 
 def make_datasplit(
     data_root: Path,
     classes: list[str],
     validation_prob: float = 0.15,
-    seed: int = 13,
+    seed: int = DEFAULT_SEED,
     force_all_classes: str | bool = False,
     relative_to: Path | None = None,
+    containers: list[Path] | None = None,
 ) -> list[DatasplitRow]:
-    """Split the crops on disk per crop, as the toolbox does, but reproducibly.
+    """Split the crops on disk (or of ``containers``) per crop, as the toolbox does, but reproducibly.
 
-    ``force_all_classes``: True drops crops lacking any requested class; "train" or
-    "validate" moves such an incomplete crop to that usage.
+    Each crop, in sorted order, draws u from a generator seeded by ``seed`` and is validated
+    when u < ``validation_prob``. ``force_all_classes`` as in the toolbox: True drops crops
+    lacking a requested class; "train" / "validate" keeps such incomplete crops out of that
+    usage (they go to the other). With two or more crops, at least one is validated and one
+    trained on: if the draw validates none, the crop whose u was lowest (closest to being
+    drawn) among those allowed in validation is moved there; if it trains on none, the
+    crop whose u was highest is moved to training.
     """
     if not 0.0 <= validation_prob <= 1.0:
         raise ReproError(f"--validation-prob must be within [0, 1], got {validation_prob}")
-    crops = scan_crops(data_root)
+    crops = scan_crops(data_root) if containers is None else [c for container in containers for c in scan_container(Path(container))]
     if not crops:
         raise ReproError(f"no ground-truth crops under {data_root} (expected <dataset>/<dataset>.zarr/{GROUNDTRUTH}/crop<id>)")
     rng = np.random.default_rng(seed)
-    rows = []
+    rows, draws, allowed = [], [], []
     for container, crop_id, annotated in crops:
-        usage = "validate" if rng.random() < validation_prob else "train"
+        draw = rng.random()
         present = [c for c in classes if c in annotated]
         if not present:
             continue
         complete = len(present) == len(classes)
         if not complete and force_all_classes is True:
             continue
-        if not complete and force_all_classes in USAGES:
-            usage = force_all_classes
+        usages = set(USAGES) - ({force_all_classes} if not complete and force_all_classes in USAGES else set())
+        usage = "validate" if draw < validation_prob else "train"
         shown = container
         if relative_to is not None and container.is_relative_to(relative_to):
             shown = container.relative_to(relative_to)
-        rows.append(DatasplitRow(usage, str(shown), RAW_ARRAY, str(shown), f"{GROUNDTRUTH}/crop{crop_id}", present))
+        rows.append(DatasplitRow(usage if usage in usages else next(iter(usages)), str(shown), RAW_ARRAY, str(shown), f"{GROUNDTRUTH}/crop{crop_id}", present))
+        draws.append(draw)
+        allowed.append(usages)
     if not rows:
         raise ReproError(f"no crop under {data_root} holds any of the requested classes")
+    if len(rows) >= 2:
+        for usage, pick in (("validate", min), ("train", max)):
+            movable = [i for i, row in enumerate(rows) if usage in allowed[i]]
+            if movable and not any(row.usage == usage for row in rows):
+                rows[pick(movable, key=lambda i: draws[i])].usage = usage
     return rows
+
+
+def split_advice(rows: list[DatasplitRow], force_all_classes) -> str | None:
+    """One line on a split that cannot train and validate, with what to do about it."""
+    counts = {u: sum(r.usage == u for r in rows) for u in USAGES}
+    if len(rows) == 1:
+        return (
+            f"note: only one crop (crop {rows[0].crop_id}): it is used for {rows[0].usage} and nothing else; "
+            "fetch more crops (`cellmap-repro fetch --crops ID,ID`) and write the datasplit again"
+        )
+    for usage in USAGES:
+        if counts[usage] == 0:
+            return (
+                f"warning: no {usage} crop: every crop lacks some of the requested classes and force_all_classes "
+                f"{force_all_classes!r} keeps incomplete crops out of {usage}; pass --force-all-classes false"
+            )
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -186,15 +252,27 @@ def run(args: argparse.Namespace) -> int:
 
     experiment = load_experiment(args.experiment, args.experiments_root, parts=("data",))
     data = settings.data_root(args.data)
-    force = {"true": True, "false": False}.get(args.force_all_classes, args.force_all_classes)
-    rows = make_datasplit(data, experiment.classes, args.validation_prob, args.seed, force, relative_to=Path.cwd())
+    probability, force, described = experiment_split_settings(experiment, args.validation_prob, args.force_all_classes, args.seed)
+    rows = make_datasplit(data, experiment.classes, probability, args.seed, force, relative_to=Path.cwd())
     out = Path(args.output) if args.output else experiment.datasplit_path
     write_datasplit(out, rows)
     counts = {u: sum(r.usage == u for r in rows) for u in USAGES}
-    print(f"wrote {out}: {counts['train']} train, {counts['validate']} validate crops")
-    if counts["validate"] == 0:
-        print("warning: no validation crop; raise --validation-prob or add crops")
+    print(f"wrote {out}: {counts['train']} train, {counts['validate']} validate crops ({described})")
+    advice = split_advice(rows, force)
+    if advice:
+        print(advice)
     return 0
+
+
+def experiment_split_settings(experiment, validation_prob: float | None = None, force_flag: str | None = None, seed: int = DEFAULT_SEED):
+    """validation_prob and force_all_classes from the flags, else from the experiment's data.py."""
+    probability = experiment.validation_prob if validation_prob is None else validation_prob
+    force = experiment.force_all_classes if force_flag is None else {"true": True, "false": False}.get(force_flag, force_flag)
+    described = (
+        f"validation_prob {probability:g} from {'data.py' if validation_prob is None else '--validation-prob'}, "
+        f"force_all_classes {force!r} from {'data.py' if force_flag is None else '--force-all-classes'}, seed {seed}"
+    )
+    return probability, force, described
 
 
 def register(subparsers) -> None:
@@ -205,13 +283,13 @@ def register(subparsers) -> None:
     )
     settings.add_experiment_argument(parser)
     settings.add_data_argument(parser)
-    parser.add_argument("--validation-prob", type=float, default=0.15, help="probability that a crop is used for validation (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=13, help="seed of the per-crop draw (default %(default)s)")
+    parser.add_argument("--validation-prob", type=float, default=None, help="probability that a crop is used for validation (default: the experiment's data.py, else 0.15)")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the per-crop draw (default %(default)s)")
     parser.add_argument(
         "--force-all-classes",
         choices=["false", "true", "train", "validate"],
-        default="false",
-        help="true: drop crops lacking a class; train/validate: move incomplete crops there",
+        default=None,
+        help="true: drop crops lacking a requested class; train/validate: keep such crops out of that usage (default: the experiment's data.py, else false)",
     )
     parser.add_argument("-o", "--output", default=None, help="output path (default: the experiment's datasplit.csv)")
     parser.set_defaults(func=run)

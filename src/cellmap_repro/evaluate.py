@@ -191,23 +191,10 @@ def _read_truth(group: Path, where: str):
     return array, Grid(tuple(array.shape), tuple(levels[0].scale), tuple(levels[0].translation))
 
 
-def _select(rows, crops: str):
-    if crops in ("validate", "train"):
-        chosen = [r for r in rows if r.usage == crops]
-    elif crops == "all":
-        chosen = list(rows)
-    else:
-        wanted = {int(c) for c in crops.split(",") if c.strip().isdigit()}
-        chosen = [r for r in rows if r.crop_id in wanted]
-    if not chosen:
-        raise ReproError(f"no '{crops}' crops in the datasplit to evaluate")
-    return chosen
-
-
 def evaluate_experiment(experiment_dir: Path, data_root: Path | None = None, scoring: str = "current", crops: str = "validate", progress: bool = True, leaderboard: bool = False, output: Path | None = None) -> dict:
     from tqdm import tqdm
 
-    from cellmap_repro.datasplit import read_datasplit
+    from cellmap_repro.datasplit import read_datasplit, select_rows
     from cellmap_repro.experiment import load_experiment
     from cellmap_repro.submission import Tree, pick_level
 
@@ -215,7 +202,7 @@ def evaluate_experiment(experiment_dir: Path, data_root: Path | None = None, sco
     experiment = experiment_dir.name
     mode = Mode.choose(scoring, leaderboard)
     datasplit = load_experiment(experiment, experiment_dir.parent, parts=("data",)).datasplit_path
-    rows = _select(read_datasplit(datasplit), crops)
+    rows = select_rows(read_datasplit(datasplit), crops)
     processed_root = settings.processed_root(settings.data_root(data_root), experiment)
     if not processed_root.exists():
         raise ReproError(f"no processed predictions under {processed_root} (run predict and process for {experiment} first)")

@@ -1,24 +1,32 @@
 """Pretrained COSEM weights and the pieces experiments build models from.
 
-cellmap-models loads ``setup04/1820500`` only from a file inside its installed package
-(``.../cellmap_models/pytorch/cosem/setup04/1820500.pth``) and otherwise downloads it
-with certificate checks disabled. We keep the file in a weights cache instead
-(``$CELLMAP_REPRO_WEIGHTS``, default ``<data>/weights``), download it ourselves with
-certificate checks on, and make the package path a symlink to the cached file, so the
-model still goes through cellmap-models' own loading and key remapping unchanged.
-In the container image that symlink is created at build time.
+cellmap-models reads a COSEM checkpoint only from a file inside its installed package
+(and otherwise downloads it there with certificate checks off), which fails on a
+read-only install or container image. So the project keeps the file in a weights cache
+(``$CELLMAP_REPRO_WEIGHTS``, default ``<data>/weights``), builds the network through
+cellmap-models' own architecture code (on the meta device: no weights, no forward pass
+on real tensors), and loads the cached file itself with ``weights_only=True`` and the
+key mapping of cellmap-models' loader (`remap_cosem_keys`). Nothing is written into
+the installed packages.
 
-`cellmap-repro weights` downloads the real weights into the cache.
+`cellmap-repro weights` fills the cache: from the official URL (certificate checks on),
+from a mirror (``--url``, http(s):// or file://) or from a local file (``--from``),
+checking a sha256 when one is given or known.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
+import http.client
+import io
 import math
 import os
+import re
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -27,16 +35,17 @@ from cellmap_repro.errors import ReproError
 
 SYNTHETIC_MARKER = "cellmap_repro_synthetic"
 DEFAULT_CHECKPOINT = "setup04/1820500"
+# sha256 of published COSEM checkpoint files, checked on every download or copy.
+# None: not known to this project. The real setup04/1820500 file could not be downloaded
+# where this was written, so its hash is unrecorded rather than guessed; pass
+# `--sha256` to check a copy, and record the value here once it is confirmed.
+KNOWN_SHA256: dict[str, str | None] = {
+    "setup04/1820500": None,
+}
 
 
 def weights_file(weights_dir: Path, checkpoint: str) -> Path:
     return Path(weights_dir) / "cosem" / f"{checkpoint}.pth"
-
-
-def package_weights_path(checkpoint: str) -> Path:
-    from cellmap_models.pytorch import cosem
-
-    return Path(cosem.__file__).parent / f"{checkpoint.replace('.', '_')}.pth"
 
 
 def checkpoint_url(checkpoint: str) -> str:
@@ -48,89 +57,144 @@ def checkpoint_url(checkpoint: str) -> str:
     return cosem.models_dict[checkpoint]
 
 
-def download_weights(checkpoint: str, target: Path, timeout: float = 60.0) -> Path:
-    """Download a COSEM checkpoint to ``target`` atomically, certificate checks on."""
+def _check_sha256(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", value):
+        raise ReproError(f"--sha256 must be 64 hexadecimal digits, not '{value}'")
+    return value.lower()
+
+
+@contextlib.contextmanager
+def _open_source(source: str | Path, timeout: float):
+    """A readable stream and its size (or None): a local file (a Path) or an http(s)/file URL."""
+    if isinstance(source, Path):
+        if not source.is_file():
+            raise ReproError(f"weights file not found: {source}")
+        with open(source, "rb") as handle:
+            yield handle, source.stat().st_size
+        return
+    if urllib.parse.urlsplit(source).scheme.lower() not in ("http", "https", "file"):
+        raise ReproError(f"unsupported URL '{source}': use http://, https:// or file://, or --from PATH for a local file")
+    try:
+        response = urllib.request.urlopen(source, timeout=timeout)
+    except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ReproError(
+            f"cannot download weights from {source} ({reason}); on a site without internet use "
+            "`cellmap-repro weights --url MIRROR_URL` or `--from FILE`, or `cellmap-repro tiny-crop` for synthetic weights"
+        ) from None
+    with response:
+        yield response, int(response.headers.get("Content-Length") or 0) or None
+
+
+def install_weights(source: str | Path, target: Path, sha256: str | None = None, timeout: float = 60.0) -> Path:
+    """Copy or download ``source`` into the cache at ``target``, atomically and checked.
+
+    The file lands at ``target`` only when it is complete, matches ``sha256`` (when
+    given) and loads as a weights-only torch checkpoint; otherwise nothing is left.
+    """
     from tqdm import tqdm
 
     from cellmap_repro.storage import atomic_output_path
 
-    url = checkpoint_url(checkpoint)
-    try:
-        with contextlib.ExitStack() as stack:
-            response = stack.enter_context(urllib.request.urlopen(url, timeout=timeout))
-            expected = int(response.headers.get("Content-Length") or 0) or None
-            tmp = stack.enter_context(atomic_output_path(target))
-            received = 0
-            with open(tmp, "wb") as out, tqdm(total=expected, unit="B", unit_scale=True, desc=f"download {checkpoint}") as bar:
-                while block := response.read(1 << 20):
+    digest = hashlib.sha256()
+    with _open_source(source, timeout) as (stream, expected), atomic_output_path(target) as tmp:
+        received = 0
+        try:
+            with open(tmp, "wb") as out, tqdm(total=expected, unit="B", unit_scale=True, desc=f"weights {target.name}", disable=None) as bar:
+                while block := stream.read(1 << 20):
                     out.write(block)
+                    digest.update(block)
                     received += len(block)
                     bar.update(len(block))
-            if expected is not None and received != expected:
-                raise ReproError(f"download of {url} truncated: {received} of {expected} bytes; nothing was kept, run again")
-    except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise ReproError(
-            f"cannot download setup04 weights from {url} ({reason}); place the file at {target} "
-            "or run `cellmap-repro tiny-crop` for synthetic weights"
-        ) from None
+                out.flush()
+                os.fsync(out.fileno())
+        except (OSError, http.client.HTTPException) as exc:  # network, disk full, permissions
+            reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc
+            raise ReproError(f"copying {source} to {target} failed after {received} bytes ({reason}); nothing was kept") from None
+        if expected is not None and received != expected:
+            raise ReproError(f"download of {source} truncated: {received} of {expected} bytes; nothing was kept, run again")
+        if sha256 is not None and digest.hexdigest() != sha256:
+            raise ReproError(f"sha256 mismatch for {source}: expected {sha256}, got {digest.hexdigest()}; nothing was kept")
+        _read_weights(tmp, where=source)
     return target
 
 
-def link_into_package(cached: Path, checkpoint: str) -> None:
-    """Make cellmap-models' package path for ``checkpoint`` point at the cached file."""
-    package_path = package_weights_path(checkpoint)
-    with contextlib.suppress(OSError):
-        if package_path.resolve() == cached.resolve():
-            return
-    package_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_link = package_path.with_name(f".{package_path.name}.{os.getpid()}.link")
+def _read_weights(path: Path, where: str | Path | None = None) -> dict:
+    """The checkpoint dict, loaded weights-only (no code runs) and memory-mapped."""
+    import torch
+
     try:
-        with contextlib.suppress(FileNotFoundError):
-            tmp_link.unlink()
-        tmp_link.symlink_to(cached.resolve())
-        os.replace(tmp_link, package_path)
-    except OSError as exc:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        first_line = (str(exc).strip().splitlines() or [""])[0][:160]
         raise ReproError(
-            f"cannot point cellmap-models at {cached}: {package_path} is not writable ({exc.strerror}); "
-            f"link it once by hand: ln -sf {cached.resolve()} {package_path}"
+            f"weights file {where or path} is unreadable or truncated ({type(exc).__name__}: {first_line}); "
+            "fetch it again with `cellmap-repro weights --force`"
         ) from None
+    if not isinstance(payload, dict) or not isinstance(payload.get("model"), dict):
+        raise ReproError(f"weights file {where or path} is not a COSEM checkpoint (no 'model' state dict)")
+    return payload
+
+
+def remap_cosem_keys(state: dict) -> dict:
+    """cellmap-models' key mapping for COSEM checkpoints (its ``load_model``, 0.2.4).
+
+    Keys with ``chain`` are redundant copies and are dropped, a ``chain.0.*`` one after
+    checking that it equals its ``architecture.*`` twin (cellmap-models' checks reduce
+    to that one: its other comparisons compare a key with itself); every other key
+    loses ``architecture.`` and has ``unet.`` renamed ``backbone.``.
+    """
+    import torch
+
+    remapped = {}
+    for key, tensor in state.items():
+        if "chain" in key:
+            twin = key.replace("chain.0", "architecture")
+            if twin != key and twin in state and not torch.equal(tensor, state[twin]):
+                raise ReproError(f"weights key '{key}' does not equal '{twin}'")
+            continue
+        remapped[key.replace("architecture.", "").replace("unet.", "backbone.")] = tensor
+    return remapped
+
+
+def build_architecture(checkpoint: str):
+    """The COSEM network of ``checkpoint`` (e.g. setup04 for setup04/1820500), no weights yet.
+
+    Built by cellmap-models on the meta device: its constructor's shape probe (a
+    forward pass on the minimum input) then costs nothing, and no memory is filled
+    with random weights that are overwritten at once.
+    """
+    import torch
+    from cellmap_models.pytorch.cosem import load_model
+
+    # cellmap-models prints "Not loading weights"; the weights come next, from the cache.
+    with torch.device("meta"), contextlib.redirect_stdout(io.StringIO()):
+        return load_model(checkpoint.split("/")[0])
 
 
 def load_pretrained(checkpoint: str = DEFAULT_CHECKPOINT, weights_dir: Path | None = None, download: bool = True):
-    """The pretrained COSEM network through cellmap-models' loader, weights from the cache."""
-    import torch
-
+    """The pretrained COSEM network, weights from the cache (downloaded there if missing)."""
     cached = weights_file(weights_dir or settings.weights_root(), checkpoint)
     if not cached.exists():
         if not download:
-            raise ReproError(f"setup04 weights missing: {cached} (run `cellmap-repro weights`)")
-        download_weights(checkpoint, cached)
-    payload = _peek(cached)
+            raise ReproError(f"{checkpoint} weights missing: {cached} (run `cellmap-repro weights`)")
+        install_weights(checkpoint_url(checkpoint), cached, KNOWN_SHA256.get(checkpoint))
+    payload = _read_weights(cached)
     if SYNTHETIC_MARKER in payload:
         print(
-            f"WARNING: {cached} holds SYNTHETIC random setup04 weights made by `cellmap-repro tiny-crop`; "
+            f"WARNING: {cached} holds SYNTHETIC random {checkpoint} weights made by `cellmap-repro tiny-crop`; "
             "results are meaningless for real data. `cellmap-repro weights --force` fetches the real ones.",
             file=sys.stderr,
         )
-    link_into_package(cached, checkpoint)
-    from cellmap_models.pytorch.cosem import load_model
-
-    # Building runs a forward pass on the minimum input; no autograd graph needed.
-    with torch.no_grad(), contextlib.redirect_stdout(sys.stderr):
-        try:
-            return load_model(checkpoint)
-        except (RuntimeError, KeyError, AssertionError, EOFError) as exc:
-            raise ReproError(f"setup04 weights at {cached} do not load ({type(exc).__name__}: {str(exc)[:200]})") from None
-
-
-def _peek(path: Path) -> dict:
-    import torch
-
+    model = build_architecture(checkpoint)
+    model.to_empty(device="cpu")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:
-        raise ReproError(f"setup04 weights file is unreadable or truncated: {path} ({type(exc).__name__}); delete it and run `cellmap-repro weights`") from None
+        model.load_state_dict(remap_cosem_keys(payload["model"]), strict=True)
+    except RuntimeError as exc:
+        raise ReproError(f"{checkpoint} weights at {cached} do not fit the architecture ({str(exc)[:200]})") from None
+    return model.eval()
 
 
 def frozen(module):
@@ -289,21 +353,38 @@ def output_size_for(input_shape, output_shape, step, needed) -> tuple[tuple[int,
 
 def run_weights(args: argparse.Namespace) -> int:
     target = weights_file(settings.weights_root(args.weights, settings.data_root(args.data)), args.checkpoint)
+    expected = _check_sha256(args.sha256) or KNOWN_SHA256.get(args.checkpoint)
     if target.exists() and not args.force:
-        payload = _peek(target)
-        kind = "synthetic" if SYNTHETIC_MARKER in payload else "real"
-        print(f"{target} already present ({kind}); --force downloads it again")
+        kind = "synthetic" if SYNTHETIC_MARKER in _read_weights(target) else "real"
+        if expected is not None:
+            from cellmap_repro.storage import sha256_file
+
+            actual = sha256_file(target)
+            if actual != expected:
+                raise ReproError(f"{target} has sha256 {actual}, not {expected}; --force replaces it")
+            print(f"{target} already present ({kind}, sha256 checked)")
+        else:
+            print(f"{target} already present ({kind}); --force replaces it")
         return 0
-    download_weights(args.checkpoint, target)
-    _peek(target)
-    print(f"saved {target}")
+    source = Path(args.source) if args.source else args.url or checkpoint_url(args.checkpoint)
+    install_weights(source, target, expected)
+    check = "sha256 checked" if expected else "no sha256 known: pass --sha256 to check the file"
+    print(f"saved {target} ({check})")
     return 0
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("weights", help="download pretrained COSEM weights into the weights cache")
+    parser = subparsers.add_parser(
+        "weights",
+        help="put pretrained COSEM weights into the weights cache (download, mirror or local file)",
+        description="Download COSEM weights into the weights cache, or take them from a mirror or a local file.",
+    )
     settings.add_data_argument(parser)
     parser.add_argument("--weights", default=None, help="weights cache (default: $CELLMAP_REPRO_WEIGHTS or <data>/weights)")
     parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="COSEM checkpoint name (default %(default)s)")
-    parser.add_argument("--force", action="store_true", help="download even if a file is present (replaces synthetic weights)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--url", default=None, help="download from this URL instead (a mirror: https://, http:// or file://)")
+    source.add_argument("--from", dest="source", default=None, metavar="PATH", help="copy this local file into the cache (air-gapped sites)")
+    parser.add_argument("--sha256", default=None, help="expected sha256 of the file; checked before it enters the cache")
+    parser.add_argument("--force", action="store_true", help="replace a file already in the cache (e.g. synthetic weights)")
     parser.set_defaults(func=run_weights)

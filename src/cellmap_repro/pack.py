@@ -26,7 +26,7 @@ import numpy as np
 from cellmap_repro import metrics, settings
 from cellmap_repro.classes import class_table
 from cellmap_repro.errors import ReproError
-from cellmap_repro.storage import atomic_output_path, read_levels
+from cellmap_repro.storage import atomic_output_path, confined, read_levels
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,14 @@ def _smallest_uint(array: np.ndarray) -> np.ndarray:
 
 def missing_rows(rows: list[TestCropRow], processed_root: Path) -> list[TestCropRow]:
     return [row for row in rows if not _prediction_group(processed_root, row).exists()]
+
+
+def _check_names(rows: list[TestCropRow], processed_root: Path, manifest: Path) -> None:
+    """A row's dataset and class label name one folder each under the processed root
+    (and the class one member folder of the zip): refuse anything else before reading."""
+    for row in rows:
+        confined(processed_root, row.dataset, f"{manifest}: crop {row.crop_id} dataset", plain=True)
+        confined(processed_root, row.class_name, f"{manifest}: crop {row.crop_id} class_label", plain=True)
 
 
 def _prediction_group(processed_root: Path, row: TestCropRow) -> Path:
@@ -150,6 +158,7 @@ def pack(experiment: str, manifest: Path, data_root=None, out: Path | None = Non
     data = settings.data_root(data_root)
     rows = read_manifest(Path(manifest))
     processed_root = settings.processed_root(data, experiment)
+    _check_names(rows, processed_root, manifest)
     out_zip = Path(out) if out else data / "submissions" / f"{experiment}.zip"
     warnings = []
     if allow_missing:

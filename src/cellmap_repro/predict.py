@@ -27,10 +27,12 @@ import numpy as np
 
 from cellmap_repro import checkpoint, settings
 from cellmap_repro.errors import ReproError
+from cellmap_repro.fetch_record import require_tiles_fetched
 from cellmap_repro.storage import (
     PARTIAL_SUFFIX,
     ScaleLevel,
     atomic_write_json,
+    confined,
     find_level,
     multiscale_attrs,
     read_levels,
@@ -59,21 +61,9 @@ def crop_box(levels: list[ScaleLevel], shape) -> tuple[tuple, tuple]:
 def targets_from_datasplit(rows, which: str) -> list[CropTarget]:
     import zarr
 
-    if which in ("validate", "train"):
-        chosen = [r for r in rows if r.usage == which]
-    elif which == "all":
-        chosen = list(rows)
-    else:
-        try:
-            wanted = {int(c) for c in which.split(",") if c.strip()}
-        except ValueError:
-            raise ReproError(f"--crops must be validate, train, all or crop ids like 1,2; got {which!r}") from None
-        chosen = [r for r in rows if r.crop_id in wanted]
-        missing = wanted - {r.crop_id for r in chosen}
-        if missing:
-            raise ReproError(f"crop(s) {sorted(missing)} are not in the datasplit")
-    if not chosen:
-        raise ReproError(f"the datasplit has no '{which}' crops to predict")
+    from cellmap_repro.datasplit import select_rows
+
+    chosen = select_rows(rows, which)
     targets = []
     for row in chosen:
         group = row.label_group(row.classes[0])
@@ -90,6 +80,7 @@ def targets_from_manifest(path: Path, data: Path, raw_path: str = "recon-1/em/fi
 
     crops: dict[int, CropTarget] = {}
     for row in read_manifest(path):
+        confined(data, row.dataset, f"{path}: crop {row.crop_id} dataset", plain=True)  # a folder of <data> and of the predictions
         low = tuple(t - s / 2 for t, s in zip(row.translation, row.voxel_size))
         high = tuple(lo + s * n for lo, s, n in zip(low, row.voxel_size, row.shape))
         raw_group = settings.dataset_container(data, row.dataset) / raw_path
@@ -242,6 +233,7 @@ def predict(
         raw = zarr.open_array(str(target.raw_group / raw_level.path), mode="r")
         grid_start, grid_shape = output_grid(target.box_low, target.box_high, raw_level)
         in_shape, out_shape = predictor.tile_shapes(grid_shape, max_input)
+        require_tiles_fetched(target.raw_group / raw_level.path, grid_start, grid_shape, in_shape, out_shape, raw_level.scale, target.crop_id, where)
         crop_dir = out_root / f"{target.dataset}.zarr" / f"crop{target.crop_id}"
         translation = tuple(t + s * k for t, s, k in zip(raw_level.translation, raw_level.scale, grid_start))
         level = ScaleLevel("s0", tuple(out_scale), translation)

@@ -45,6 +45,7 @@ FACTOR_PREFIXES = (
     "determinism",
     "hardware",
     "device",
+    "distributed",
     "git.commit",
 )
 

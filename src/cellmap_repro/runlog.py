@@ -31,3 +31,19 @@ class RunLog:
         self.writer.flush()
         self.writer.close()
         self.text.close()
+
+
+class NoLog:
+    """The log of a rank other than 0: rank 0 alone writes the run's logs."""
+
+    def __init__(self, logs_dir: Path, run_name: str, resume_step: int | None = None):
+        self.tensorboard_dir = Path(logs_dir) / "tensorboard" / run_name
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        return None
+
+    def line(self, message: str) -> None:
+        return None
+
+    def close(self) -> None:
+        return None

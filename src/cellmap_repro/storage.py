@@ -3,7 +3,8 @@
 Every stage writes through these helpers so that an interrupted or failed write never
 leaves a file or a zarr array that looks complete: files go to a temporary name in the
 same directory and are renamed into place; zarr outputs are built in a ``*.partial``
-directory and renamed when finished.
+directory and renamed when finished. Paths that come from data (S3 keys, manifest
+fields, zarr level paths) are joined to their folder through :func:`confined`.
 """
 
 from __future__ import annotations
@@ -18,10 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from pydantic_ome_ngff.v04.axis import Axis
-from pydantic_ome_ngff.v04.multiscale import Dataset, MultiscaleMetadata
-from pydantic_ome_ngff.v04.transform import VectorScale, VectorTranslation
-
 from cellmap_repro.errors import ReproError
 
 AXES = ("z", "y", "x")
@@ -30,6 +27,12 @@ PARTIAL_SUFFIX = ".partial"
 
 def _umask_mode() -> int:
     # mkstemp creates 0600 files; outputs should get the permissions any new file gets.
+    # Read the umask where the kernel reports it: setting it to read it races with
+    # other threads creating files (fetch writes from many threads).
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        with open("/proc/self/status") as status:
+            line = next(line for line in status if line.startswith("Umask:"))
+        return 0o666 & ~int(line.split()[1], 8)
     mask = os.umask(0)
     os.umask(mask)
     return 0o666 & ~mask
@@ -104,6 +107,23 @@ def atomic_directory(path: Path) -> Iterator[Path]:
         os.replace(partial, path)
 
 
+def confined(base: Path, relative: str, what: str, plain: bool = False) -> Path:
+    """``base / relative`` for a path read from data, or one clear error naming ``what``.
+
+    Refused: an empty or absolute path, any ``..`` part (``\\`` counts as a separator, as
+    in a manifest written on Windows), a NUL byte; with ``plain``, anything but one name.
+    Judged on the text alone: data can only choose the text, and a folder the user linked
+    into ``base`` on purpose (a dataset on other storage) keeps working.
+    """
+    text = str(relative)
+    parts = text.replace("\\", "/").split("/")  # str.split: fetch checks every object key
+    if not text.strip() or text.startswith(("/", "\\")) or ".." in parts or "\0" in text:
+        raise ReproError(f"{what} {text!r} is not a path inside {base}; refused")
+    if plain and (len(parts) != 1 or text == "."):
+        raise ReproError(f"{what} {text!r} is not a plain name inside {base}; refused")
+    return (base if isinstance(base, Path) else Path(base)) / text
+
+
 def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -127,6 +147,11 @@ class ScaleLevel:
 
 def multiscale_attrs(levels: Sequence[ScaleLevel], name: str | None = None) -> dict:
     """OME-NGFF 0.4 ``multiscales`` attributes for a group holding ``levels``."""
+    # Imported here: pydantic-ome-ngff takes most of a second, which every CLI start paid.
+    from pydantic_ome_ngff.v04.axis import Axis
+    from pydantic_ome_ngff.v04.multiscale import Dataset, MultiscaleMetadata
+    from pydantic_ome_ngff.v04.transform import VectorScale, VectorTranslation
+
     metadata = MultiscaleMetadata(
         version="0.4",
         name=name,
@@ -167,6 +192,8 @@ def read_levels(group_path: Path | str, where: str | None = None) -> list[ScaleL
             levels.append(ScaleLevel(entry["path"], scale, translation))
     except (KeyError, IndexError, TypeError, ValueError) as exc:
         raise ReproError(f"{label}: malformed OME-NGFF multiscales attributes in {attrs_file} ({exc})") from None
+    for level in levels:
+        confined(group_path, level.path, f"{label}: level path in {attrs_file}")
     return sorted(levels, key=lambda level: max(level.scale))
 
 

@@ -12,7 +12,8 @@ end to end on any machine:
   no ``nuc``, crop 1 no ``ves``);
 * a synthetic setup04 weight file in the layout and format cellmap-models loads
   (random, seeded; marked synthetic so that it is never mistaken for the real one);
-* optionally the experiment's ``datasplit.csv`` (crops 1 and 2 train, crop 3 validate).
+* optionally the experiment's ``datasplit.csv``, split with the experiment's ``data.py``
+  settings (seed 13 validates crop 3 at the default validation_prob 0.15).
 
 The scene is defined analytically in world coordinates (nm), so raw and labels agree
 at every resolution: a cell whose plasma membrane crosses the crops, mitochondria
@@ -345,14 +346,17 @@ def write_tiny_crop(data_root: Path, seed: int = 0, weights_dir: Path | None = N
     return info
 
 
-def write_experiment_datasplit(experiment_name: str, experiments_root, container: Path) -> Path:
-    """Point an experiment's datasplit.csv at the tiny crop (paths relative to the working directory)."""
-    from cellmap_repro.datasplit import write_datasplit
+def write_experiment_datasplit(experiment_name: str, experiments_root, container: Path) -> tuple[Path, str]:
+    """Point an experiment's datasplit.csv at the tiny crop (paths relative to the working
+    directory), split with the experiment's data.py settings; returns the path and those settings."""
+    from cellmap_repro.datasplit import experiment_split_settings, make_datasplit, write_datasplit
     from cellmap_repro.experiment import load_experiment
 
     experiment = load_experiment(experiment_name, experiments_root, parts=("data",))
-    write_datasplit(experiment.datasplit_path, datasplit_rows(container, experiment.classes, relative_to=Path.cwd()))
-    return experiment.datasplit_path
+    probability, force, described = experiment_split_settings(experiment)
+    rows = make_datasplit(container.parent, experiment.classes, probability, force_all_classes=force, relative_to=Path.cwd(), containers=[container])
+    write_datasplit(experiment.datasplit_path, rows)
+    return experiment.datasplit_path, described
 
 
 def run(args: argparse.Namespace) -> int:
@@ -364,8 +368,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         print("real setup04 weights already present: left untouched")
     if args.write_datasplit:
-        path = write_experiment_datasplit(args.experiment, args.experiments_root, Path(info["dataset"]))
-        print(f"datasplit: {path}")
+        path, described = write_experiment_datasplit(args.experiment, args.experiments_root, Path(info["dataset"]))
+        print(f"datasplit: {path} ({described})")
     return 0
 
 

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cellmap_repro import checkpoint, determinism, manifest, settings
+from cellmap_repro import checkpoint, determinism, distributed, manifest, settings
 from cellmap_repro.errors import ReproError
 
 # Fault injection for `verify` and the tests: SIGKILL this process right after the
@@ -60,7 +60,7 @@ class Settings:
     allow_tf32: bool = True
 
     @classmethod
-    def resolve(cls, config, overrides: Overrides, threads: int, seed: int) -> "Settings":
+    def resolve(cls, config, overrides: Overrides, threads: int, seed: int, processes: int = 1) -> "Settings":
         pick = lambda name: getattr(overrides, name) if getattr(overrides, name) is not None else getattr(config, name)  # noqa: E731
         iterations = pick("iterations_per_epoch")
         return cls(
@@ -70,17 +70,17 @@ class Settings:
             validation_batches=pick("validation_batches"),
             seed=seed,
             checkpoint_every=overrides.checkpoint_every or min(100, iterations),
-            num_workers=_workers(pick("num_workers")),
+            num_workers=_workers(pick("num_workers"), processes),
             threads=threads,
             augment_device=overrides.augment_device or "cpu",
             allow_tf32=pick("allow_tf32"),
         )
 
 
-def _workers(configured: int | None) -> int:
+def _workers(configured: int | None, processes: int) -> int:
     from cellmap_repro.data import default_workers
 
-    return default_workers() if configured is None else configured
+    return default_workers(processes) if configured is None else configured
 
 
 @dataclass
@@ -93,15 +93,18 @@ class TrainResult:
     checkpoint_hashes: dict = field(default_factory=dict)
 
 
-def masked_loss(criterion, logits, target):
-    """Mean loss over known voxels; NaN targets (unknown) contribute nothing."""
+def masked_loss(criterion, logits, target, world=None):
+    """Mean loss over known voxels; NaN targets (unknown) contribute nothing.
+
+    With several processes, the global batch's mean (see distributed.global_masked_mean).
+    """
     import torch
 
     known = ~torch.isnan(target)
     per_voxel = criterion(logits, torch.nan_to_num(target, nan=0.0))
     if per_voxel.shape != logits.shape:
         raise ReproError(f"the criterion returned shape {tuple(per_voxel.shape)} for logits of shape {tuple(logits.shape)}: it must honour reduction='none' (per-voxel losses) for masking")
-    return (per_voxel * known).sum() / known.sum().clamp(min=1)
+    return distributed.global_masked_mean((per_voxel * known).sum(), known.sum(), world)
 
 
 def make_criterion(config, class_weights: dict[str, float]):
@@ -149,22 +152,25 @@ def train(
 
     from cellmap_repro import data as data_module
     from cellmap_repro.experiment import experiment_checkpoints_dir, experiment_dir, load_experiment, run_seed
-    from cellmap_repro.runlog import RunLog
+    from cellmap_repro.runlog import NoLog, RunLog
 
     overrides = overrides or Overrides()
+    world = distributed.current()
     explicit_threads = threads or (int(os.environ["CELLMAP_REPRO_THREADS"]) if os.environ.get("CELLMAP_REPRO_THREADS") else None)
-    torch.set_num_threads(explicit_threads or determinism.available_cores())
+    torch.set_num_threads(explicit_threads or distributed.cores(world))
     # Checked before the config is loaded: loading builds the model, which may download weights.
     checkpoints_dir = experiment_checkpoints_dir(experiment_name, experiments_root)
-    _refuse_bad_start(checkpoints_dir, resume, overwrite)
+    if world.main:  # the other ranks stop with it when it fails (torchrun ends the group)
+        _refuse_bad_start(checkpoints_dir, resume, overwrite)
     seed = run_seed(experiment_dir(experiment_name, experiments_root), overrides.seed)
     experiment = load_experiment(experiment_name, experiments_root, parts=("train_config",), seed=seed)
     config = experiment.train
-    run = Settings.resolve(config, overrides, explicit_threads or config.num_threads or determinism.available_cores(), seed)
-    device = determinism.device()
+    run = Settings.resolve(config, overrides, explicit_threads or config.num_threads or distributed.cores(world), seed, world.size)
+    distributed.local_batch(run.batch_size, world)  # refuses a batch that does not split over the ranks
+    device = distributed.device(world)
     if run.augment_device == "cuda" and device.type != "cuda":
         raise ReproError("--augment-device cuda needs a GPU, and this run trains on the CPU")
-    if overwrite and not resume:
+    if overwrite and not resume and world.main:
         _clear_previous_run(checkpoints_dir, experiment.logs_dir / "tensorboard" / config.model_name)
 
     determinism.configure(run.seed, run.threads, config.deterministic, run.allow_tf32)
@@ -172,6 +178,7 @@ def train(
     identity = checkpoint.identity(model, config.classes)  # once: the frozen weights never change
     # In place: the optimizer built by the config keeps pointing at these parameters.
     model.to(device)
+    model = distributed.prepare(model, device, world)
     optimizer = config.optimizer
     scheduler = config.scheduler
     training_data = data_module.build(experiment)
@@ -181,10 +188,12 @@ def train(
 
     manifest_path = checkpoints_dir / manifest.MANIFEST_NAME
     run_overrides = overrides.as_dict()
-    run_manifest = _start_manifest(experiment, training_data, run, run_overrides, class_weights, config)
+    # Rank 0 alone hashes the data and checks a resumed run's settings.
+    run_manifest = _start_manifest(experiment, training_data, run, run_overrides, class_weights, config, world) if world.main else None
     iteration, best = 0, float("inf")
-    if resume:
+    if resume and world.main:
         recorded = manifest.read(manifest_path)
+        distributed.check_resume(recorded, world, checkpoints_dir)
         if recorded.get("config_sha256") != run_manifest["config_sha256"]:
             changed = manifest.changed_files(recorded.get("config_files", {}), run_manifest["config_files"])
             what = f"{', '.join(changed)} changed" if changed else "the overrides or seed changed"
@@ -193,6 +202,7 @@ def train(
                 "resume with the same settings, or --overwrite to start again"
             )
         run_manifest["checkpoints"] = recorded.get("checkpoints", {})
+    if resume:
         latest = checkpoints_dir / "latest.pth"
         # A run killed before its first checkpoint resumes from the start.
         if latest.exists():
@@ -201,18 +211,21 @@ def train(
             optimizer.load_state_dict(state["optimizer"])
             if scheduler is not None and state.get("scheduler") is not None:
                 scheduler.load_state_dict(state["scheduler"])
-            determinism.restore_rng_states(state["rng"])
+            distributed.restore_rng_states(state["rng"], device)
             iteration, best = int(state["iteration"]), float(state["best_validation"])
-    manifest.write(manifest_path, run_manifest)
+    if world.main:
+        manifest.write(manifest_path, run_manifest)
 
     # Steps after the resumed iteration were logged by the interrupted run: purge them.
-    log = RunLog(experiment.logs_dir, config.model_name, resume_step=iteration + 1 if resume else None)
-    log.line(f"{'resume' if resume else 'start'} at iteration {iteration}; settings {run.__dict__}")
+    log = (RunLog if world.main else NoLog)(experiment.logs_dir, config.model_name, resume_step=iteration + 1 if resume else None)
+    processes = f"; {world.size} processes ({world.backend})" if world.size > 1 else ""
+    log.line(f"{'resume' if resume else 'start'} at iteration {iteration}; settings {run.__dict__}{processes}")
     total = run.epochs * run.iterations_per_epoch
     kill_at = int(os.environ[KILL_AT_ENV]) if os.environ.get(KILL_AT_ENV) else None
-    batches = _training_batches(training_data, run, config, iteration, device)
-    validation = Validation(training_data, run, device)
-    bar = tqdm(total=total, initial=iteration, desc=f"train {experiment_name}", unit="it", disable=not progress, dynamic_ncols=True)
+    batches = _training_batches(training_data, run, config, iteration, device, world)
+    validation = Validation(training_data, run, device, world)
+    trained = distributed.wrap(model, device, world)
+    bar = tqdm(total=total, initial=iteration, desc=f"train {experiment_name}", unit="it", disable=not progress or not world.main, dynamic_ncols=True)
 
     def state_dict(epoch_done: bool) -> dict:
         return {
@@ -236,7 +249,7 @@ def train(
                 inputs, target = next(batches)
                 waited = time.perf_counter() - started
                 optimizer.zero_grad(set_to_none=True)
-                loss = masked_loss(criterion, model(inputs), target)
+                loss = masked_loss(criterion, trained(inputs), target, world)
                 loss.backward()
                 if config.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
@@ -244,7 +257,7 @@ def train(
                 iteration += 1
                 if kill_at is not None and iteration == kill_at:
                     os.kill(os.getpid(), signal.SIGKILL)
-                value = float(loss.detach())  # waits for the step to finish
+                value = float(distributed.mean_over_ranks(loss.detach(), world))  # waits for the step to finish
                 log.scalar("loss", value, iteration)
                 log.scalar("lr", optimizer.param_groups[0]["lr"], iteration)
                 # what a data path that keeps up with the device looks like: wait near 0
@@ -252,7 +265,7 @@ def train(
                 log.scalar("time/iteration_s", time.perf_counter() - started, iteration)
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{value:.4g}")
-                if iteration % run.checkpoint_every == 0 and iteration % run.iterations_per_epoch:
+                if iteration % run.checkpoint_every == 0 and iteration % run.iterations_per_epoch and world.main:
                     checkpoint.save(checkpoints_dir / "latest.pth", state_dict(epoch_done=False))
             score = validation.score(model, criterion)
             if scheduler is not None:
@@ -262,6 +275,8 @@ def train(
             improved = score is not None and score < best
             if improved:
                 best = score
+            if not world.main:  # rank 0 writes the run's files
+                continue
             state = state_dict(epoch_done=True)
             digest = checkpoint.save(checkpoints_dir / checkpoint.epoch_name(epoch + 1), state)
             checkpoint.save(checkpoints_dir / "latest.pth", state)
@@ -273,17 +288,18 @@ def train(
     finally:
         bar.close()
         log.close()
-    return TrainResult(iteration, iteration // run.iterations_per_epoch, checkpoints_dir, log.tensorboard_dir, manifest_path, run_manifest["checkpoints"])
+    return TrainResult(iteration, iteration // run.iterations_per_epoch, checkpoints_dir, log.tensorboard_dir, manifest_path, run_manifest["checkpoints"] if world.main else {})
 
 
-def _training_batches(training_data, run: Settings, config, iteration: int, device):
-    """The run's (input, target) batches on ``device`` from ``iteration`` on (one loader for the whole run)."""
+def _training_batches(training_data, run: Settings, config, iteration: int, device, world):
+    """This rank's share of the run's (input, target) batches on ``device`` from ``iteration`` on (one loader for the whole run)."""
     from cellmap_repro import data as data_module
 
     per_epoch = run.iterations_per_epoch * run.batch_size
     weights = training_data.crop_weights() if config.weighted_sampler else None
     samples = data_module.RunSamples(training_data.train, run.seed, per_epoch, run.epochs * per_epoch, weights, defer_raw=run.augment_device != "cpu")
-    batches = data_module.loader(samples, run.batch_size, run.num_workers, start=iteration * run.batch_size, pin_memory=device.type == "cuda")
+    shard = (world.rank, world.size)
+    batches = data_module.loader(samples, distributed.local_batch(run.batch_size, world), run.num_workers, start=iteration * run.batch_size, pin_memory=device.type == "cuda", shard=shard)
     return data_module.on_device(batches, training_data.train, device)
 
 
@@ -294,8 +310,9 @@ class Validation:
     kept, so its workers start once per run.
     """
 
-    def __init__(self, training_data, run: Settings, device):
+    def __init__(self, training_data, run: Settings, device, world=None):
         self.plan, self.run, self.device = training_data.validate, run, device
+        self.world = world or distributed.World()
         self.batches = None
 
     def score(self, model, criterion) -> float | None:
@@ -308,16 +325,18 @@ class Validation:
         if self.batches is None:
             indices = data_module.validation_indices(self.run.seed, self.run.validation_batches * self.run.batch_size, len(self.plan))
             samples = data_module.FixedSamples(self.plan, indices, self.run.seed)
-            self.batches = data_module.loader(samples, self.run.batch_size, min(self.run.num_workers, 2), pin_memory=self.device.type == "cuda")
+            local = distributed.local_batch(self.run.batch_size, self.world)
+            self.batches = data_module.loader(samples, local, min(self.run.num_workers, 2), pin_memory=self.device.type == "cuda", shard=(self.world.rank, self.world.size))
         model.eval()
         losses = []
         with torch.no_grad():
             for inputs, target in data_module.on_device(self.batches, self.plan, self.device):
-                losses.append(float(masked_loss(criterion, model(inputs), target)))
+                losses.append(masked_loss(criterion, model(inputs), target, self.world))
+        losses = [float(value) for value in distributed.mean_over_ranks(torch.stack(losses), self.world)]
         return sum(losses) / len(losses)
 
 
-def _start_manifest(experiment, training_data, run: Settings, overrides: dict, class_weights: dict, config) -> dict:
+def _start_manifest(experiment, training_data, run: Settings, overrides: dict, class_weights: dict, config, world) -> dict:
     from cellmap_repro.model import weights_file
     from cellmap_repro.storage import read_levels, sha256_file
 
@@ -335,7 +354,8 @@ def _start_manifest(experiment, training_data, run: Settings, overrides: dict, c
         "device": str(determinism.device()),
         "overrides": overrides,
         # the worker count changes no byte of the run, so it may differ on resume
-        "config_sha256": manifest.config_hash(experiment.directory, {"overrides": {k: v for k, v in overrides.items() if k != "num_workers"}, "seed": run.seed}),
+        "config_sha256": manifest.config_hash(experiment.directory, {"overrides": {k: v for k, v in overrides.items() if k != "num_workers"}, "seed": run.seed, **distributed.config_hash_extra(world)}),
+        "distributed": world.record(),
         "config_files": manifest.config_files(experiment.directory),
         "datasplit_sha256": sha256_file(experiment.datasplit_path),
         "data_sha256": manifest.data_hashes(training_data.rows, raw_levels),
@@ -366,9 +386,24 @@ def overrides_from_args(args: argparse.Namespace) -> Overrides:
     )
 
 
+def should_resume(args: argparse.Namespace) -> bool:
+    """--resume, or --auto-resume where a run was started (a requeued cluster job)."""
+    if not args.auto_resume:
+        return args.resume
+    from cellmap_repro.experiment import experiment_checkpoints_dir
+
+    return (experiment_checkpoints_dir(args.experiment, args.experiments_root) / manifest.MANIFEST_NAME).exists()
+
+
 def run_cli(args: argparse.Namespace) -> int:
+    status = distributed.relaunch_if_asked(args.nproc, args.command_line)
+    if status is not None:  # trained by processes torchrun started
+        return status
     overrides = overrides_from_args(args)
-    result = train(args.experiment, args.experiments_root, overrides, resume=args.resume, overwrite=args.overwrite, threads=args.threads)
+    with distributed.session() as world:
+        result = train(args.experiment, args.experiments_root, overrides, resume=should_resume(args), overwrite=args.overwrite, threads=args.threads)
+    if not world.main:
+        return 0
     print(f"checkpoints: {result.checkpoints_dir}")
     print(f"tensorboard: {result.tensorboard_dir}")
     print(f"manifest:    {result.manifest_path}")
@@ -395,7 +430,14 @@ def register(subparsers) -> None:
     settings.add_experiment_argument(parser)
     settings.add_data_argument(parser)
     add_override_arguments(parser)
+    parser.add_argument(
+        distributed.NPROC_FLAG,
+        type=int,
+        default=None,
+        help="train with N processes through torchrun (one per GPU; on CPU, N gloo processes); the global batch stays batch_size (divisible by N)",
+    )
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="continue from checkpoints/latest.pth")
     group.add_argument("--overwrite", action="store_true", help="delete the experiment's checkpoints and start again")
+    group.add_argument("--auto-resume", action="store_true", help="resume the run if one was started, else start one (for requeued cluster jobs)")
     parser.set_defaults(func=run_cli)
