@@ -12,8 +12,9 @@ predicted from nothing once per worker count, each into its own scratch data roo
 
 * blocks/s over the whole run (``predict_volume``: the driver's checks, daisy, worker
   start-up including each worker's model load, every block, the final rename);
-* worker start-up: the same run over one block (same worker count);
-* blocks/s after start-up: (blocks - 1) / (whole run - one-block run);
+* worker start-up: the same run over one block per worker (same worker count: every worker
+  starts, as in the whole run);
+* blocks/s after start-up: (blocks - workers) / (whole run - start-up run);
 * worker CPU seconds per block after start-up (the same difference, in CPU time of the
   worker processes): independent of how busy the machine is.
 
@@ -89,7 +90,6 @@ def main() -> None:
     args = parser.parse_args()
     os.environ["CELLMAP_REPRO_DEVICE"] = args.device
     tile_nm = 32 * 8.0 * args.block_tiles
-    one_block = f"0:{tile_nm:g},0:{tile_nm:g},0:{tile_nm:g}"
     rows, outputs = [], []
     with tempfile.TemporaryDirectory(prefix="bench-volume-") as scratch:
         work = Path(scratch)
@@ -99,18 +99,20 @@ def main() -> None:
             record = zarr.open_group(str(out), mode="r").attrs["cellmap_repro"]
             blocks = int(np.prod([-(-s // b) for s, b in zip(record["shape"], record["block"])]))
             outputs.append({name: zarr.open_array(str(out / name / "s0"), mode="r")[:] for name in record["classes"]})
-            startup, startup_cpu, _ = timed_run(work / f"one-{workers}", one_block, workers, args)
-            rows.append((workers, blocks, record["block"], whole, startup, (whole_cpu - startup_cpu) / (blocks - 1)))
+            # one block per worker, in a row along x
+            one_each = f"0:{tile_nm:g},0:{tile_nm:g},0:{tile_nm * workers:g}"
+            startup, startup_cpu, _ = timed_run(work / f"one-{workers}", one_each, workers, args)
+            rows.append((workers, blocks, record["block"], whole, startup, (whole_cpu - startup_cpu) / (blocks - workers)))
     equal = all(all(np.array_equal(o[k], outputs[0][k]) for k in o) for o in outputs[1:])
     print(f"machine: {machine(args.device)}; fast experiment, {args.threads} torch thread(s) per worker, load average {os.getloadavg()[0]:.1f}")
-    print("| workers | blocks (voxels each) | whole run | blocks/s | start-up (one block) | blocks/s after start-up | worker CPU per block |")
+    print("| workers | blocks (voxels each) | whole run | blocks/s | start-up (a block per worker) | blocks/s after start-up | worker CPU per block |")
     print("|---|---|---|---|---|---|---|")
     for workers, blocks, block, whole, startup, cpu in rows:
-        steady = (blocks - 1) / max(whole - startup, 1e-9)
+        steady = (blocks - workers) / max(whole - startup, 1e-9)
         print(f"| {workers} | {blocks} ({'x'.join(map(str, block))}) | {whole:.1f} s | {blocks / whole:.2f} | {startup:.1f} s | {steady:.2f} | {cpu:.2f} s |")
     base = rows[0]
-    for workers, blocks, _, whole, startup, _ in rows[1:]:
-        print(f"{workers} workers vs {base[0]}: {(blocks / whole) / (base[1] / base[3]):.2f}x blocks/s overall, {((blocks - 1) / (whole - startup)) / ((base[1] - 1) / (base[3] - base[4])):.2f}x after start-up")
+    for workers, blocks, _, whole, startup, cpu in rows[1:]:
+        print(f"{workers} workers vs {base[0]}: {(blocks / whole) / (base[1] / base[3]):.2f}x blocks/s overall, {((blocks - workers) / (whole - startup)) / ((base[1] - base[0]) / (base[3] - base[4])):.2f}x after start-up, {base[5] / cpu:.2f}x worker CPU per block")
     print(f"outputs of every worker count bitwise equal: {equal}")
     if not equal:
         raise SystemExit(1)

@@ -152,6 +152,8 @@ def test_blockwise_process_needs_a_finished_prediction(fast_experiment, tmp_path
     (data / "predictions" / "fast" / "jrc_synth-1.zarr" / "roi_0-64_0-64_0-64.partial").mkdir(parents=True)
     line = fails_with_one_line(capsys, "process", "-e", "fast", "--data", str(data), "--dataset", "jrc_synth-1", "--roi", "0:64,0:64,0:64")
     assert "is incomplete (run the same predict command again" in line
+    line = fails_with_one_line(capsys, "process", "-e", "fast", "--data", str(data), "--dataset", "../jrc_synth-1")
+    assert "--dataset '../jrc_synth-1' is not a" in line and line.endswith("; refused")
 
 
 @pytest.mark.parametrize("connectivity", [6, 18, 26])

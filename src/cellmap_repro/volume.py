@@ -48,7 +48,7 @@ import numpy as np
 
 from cellmap_repro import settings
 from cellmap_repro.errors import ReproError
-from cellmap_repro.storage import PARTIAL_SUFFIX, ScaleLevel, atomic_write_bytes, atomic_write_json, find_level, multiscale_attrs, read_levels
+from cellmap_repro.storage import PARTIAL_SUFFIX, ScaleLevel, atomic_write_bytes, atomic_write_json, confined, find_level, multiscale_attrs, read_levels
 
 ATTRS_KEY = "cellmap_repro"
 SPEC_FILE = ".cellmap-repro-volume.json"
@@ -123,6 +123,7 @@ def resolve_region(experiment, data: Path, dataset: str | None, roi_text: str | 
             named = ", ".join(sorted(split_raw)) or "none"
             raise ReproError(f"--dataset is needed: the datasplit {experiment.datasplit_path} names {len(split_raw)} datasets ({named})")
         dataset = next(iter(split_raw))
+    confined(data, dataset, "--dataset", plain=True)  # a folder of <data> and of the outputs
     if not needs_raw:
         return Region(dataset, roi)
     if raw_path is None and dataset in split_raw:
@@ -328,6 +329,7 @@ def predict_volume(
     progress: bool = True,
 ) -> Path:
     """Predict a region blockwise; returns the output folder (one ``<class>/s0`` per class)."""
+    from cellmap_repro.fetch_record import require_tiles_fetched
     from cellmap_repro.predict import load_predictor
 
     for flag, value in (("--workers", workers), ("--threads", threads), ("--block-tiles", block_tiles), ("--batch-size", batch_size)):
@@ -342,6 +344,8 @@ def predict_volume(
     level, raw = open_raw(region, data, config.input_array_info.scale)
     grid_start, grid_shape = region_grid(region, level, raw.shape)
     in_shape, out_shape = predictor.tile_shapes(grid_shape)
+    # A data root filled by `fetch` holds crops and their context only: the rest would read as zeros.
+    require_tiles_fetched(region.raw_group / level.path, grid_start, grid_shape, in_shape, out_shape, level.scale, None, f"raw of {region.dataset}", around=f"{region.name}")
     tiles = block_tiles or math.ceil(DEFAULT_BLOCK_EDGE / max(out_shape))
     block_shape = [int(t * tiles) for t in out_shape]
     final = settings.volume_dir(settings.predictions_root(data, experiment_name), region.dataset, region.name)
