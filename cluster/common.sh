@@ -7,6 +7,8 @@
 # Settings, from the environment of the submitting shell (sbatch and bsub pass it on):
 #   EXP                  experiment folder name (default setup_04_all)
 #   ARGS                 extra flags for the stage, e.g. ARGS='--epochs 10'
+#   REGION               predict templates: whole-volume flags for `predict` and `process`,
+#                        e.g. REGION='--dataset jrc_cos7-1a --roi 0:4096,0:4096,0:4096 --workers 4'
 #   GPUS                 GPUs to train on (default: those the scheduler gave the job, else 1)
 #   CELLMAP_REPRO_EXEC   a prefix that runs the CLI in a container, e.g.
 #                        'apptainer exec --nv --pwd /workspace --bind data:/workspace/data,experiments:/workspace/experiments cellmap-repro.sif'
@@ -22,6 +24,7 @@ if [ ! -f cluster/common.sh ]; then
 fi
 EXP=${EXP:-setup_04_all}
 read -r -a EXTRA_ARGS <<<"${ARGS:-}"
+read -r -a REGION_ARGS <<<"${REGION:-}"
 read -r -a EXEC <<<"${CELLMAP_REPRO_EXEC:-}"
 if [ ${#EXEC[@]} -eq 0 ] && [ -x .venv/bin/python ]; then
   PATH="$PWD/.venv/bin:$PATH"

@@ -204,6 +204,12 @@ def test_test_crops_are_fetched_and_predicted_right_after(s3, fast_experiment, t
         assert (out / f"{dataset}.zarr" / f"crop{crop}" / "mito" / "s0" / ".zarray").exists()
     warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "crop 201" in warnings[0] and "does not exist in the bucket" in warnings[0]
+    # A whole volume of a fetched dataset: fetch brought only the crops, the rest would read as zeros.
+    from cellmap_repro import volume
+
+    with pytest.raises(ReproError, match=r"raw of jrc_holes-1: \d+% of the raw that the model reads around roi_all was never fetched .*crops and their context only"):
+        volume.predict_volume("fast", data_root=data, dataset=HOLES, progress=False)
+    assert not (out / f"{HOLES}.zarr" / "roi_all.partial").exists()
 
 
 def test_a_rerun_over_a_complete_copy_reads_no_data(s3, tmp_path, monkeypatch):

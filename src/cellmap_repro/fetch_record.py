@@ -323,12 +323,14 @@ def _index_for(root: Path) -> _Index:
     return cached[1]
 
 
-def require_fetched(array_dir: Path, boxes, crop_id: int, context_nm: float, where: str) -> None:
+def require_fetched(array_dir: Path, boxes, crop_id: int | None, context_nm: float, where: str, around: str | None = None) -> None:
     """Stop with one line if a voxel box of ``array_dir`` lies on never-fetched chunks.
 
     ``boxes``: (start, stop) voxel index ranges the model reads. Arrays that no fetch
     recorded (e.g. the generated tiny crop) are taken as complete. Where the bucket itself
     has no chunk (recorded absent), one warning gives the fraction that reads as fill value.
+    ``around`` names what is read instead of ``crop <crop_id>`` (a whole-volume region,
+    which fetch cannot bring: the error then says so instead of naming a fetch command).
     """
     array_dir = Path(array_dir).absolute()
     root = _record_root(array_dir)
@@ -358,14 +360,17 @@ def require_fetched(array_dir: Path, boxes, crop_id: int, context_nm: float, whe
                 absent += overlap
             elif not (root / key).exists():
                 missing += overlap
+    subject = around or f"crop {crop_id}"
     if missing:
+        if around is not None:
+            raise ReproError(f"{where}: {100 * missing / total:.0f}% of the raw that the model reads around {subject} was never fetched ({array_dir}); `cellmap-repro fetch` brings crops and their context only: copy the dataset's raw level into the data root first")
         hint = f"cellmap-repro fetch --crops {crop_id} --raw-context-nm {math.ceil(context_nm)}"
         level_prefix = array_key + "/"
         if not any(k.startswith(level_prefix) and not k.rsplit("/", 1)[-1].startswith(".") for k in index.present | index.absent):
             hint += " --fetch-all-em-resolutions"
-        raise ReproError(f"{where}: {100 * missing / total:.0f}% of the raw that the model reads around crop {crop_id} was never fetched ({array_dir}); run `{hint}`")
+        raise ReproError(f"{where}: {100 * missing / total:.0f}% of the raw that the model reads around {subject} was never fetched ({array_dir}); run `{hint}`")
     if absent:
-        print(f"warning: {where}: {100 * absent / total:.1f}% of the raw that the model reads around crop {crop_id} does not exist in the bucket (reads as the fill value; {array_dir})")
+        print(f"warning: {where}: {100 * absent / total:.1f}% of the raw that the model reads around {subject} does not exist in the bucket (reads as the fill value; {array_dir})")
 
 
 def label_box_nm(label_group: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -389,10 +394,10 @@ def require_window_fetched(raw_group: Path, label_group: Path, crop_id: int, inp
     require_fetched(Path(raw_group) / level.path, [(start, stop)], crop_id, reach, where)
 
 
-def require_tiles_fetched(array_dir: Path, grid_start, grid_shape, in_shape, out_shape, scale, crop_id: int, where: str) -> None:
-    """Prediction: the raw every output voxel of the crop depends on lies on fetched raw."""
+def require_tiles_fetched(array_dir: Path, grid_start, grid_shape, in_shape, out_shape, scale, crop_id: int | None, where: str, around: str | None = None) -> None:
+    """Prediction: the raw every output voxel of the crop (or region) depends on lies on fetched raw."""
     context = np.asarray(in_shape) - np.asarray(out_shape)
     start = np.asarray(grid_start) - context // 2
     stop = np.asarray(grid_start) + np.asarray(grid_shape) + context - context // 2
     reach = float(np.max((context - context // 2) * np.asarray(scale))) + float(max(scale))
-    require_fetched(array_dir, [(start, stop)], crop_id, reach, where)
+    require_fetched(array_dir, [(start, stop)], crop_id, reach, where, around)

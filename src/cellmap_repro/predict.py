@@ -21,6 +21,7 @@ import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -92,15 +93,15 @@ def targets_from_manifest(path: Path, data: Path, raw_path: str = "recon-1/em/fi
                 raise ReproError(f"{where} {name} must be 3 {'positive ' if kind else ''}numbers (z;y;x), got {list(values)}")
         low = tuple(t - s / 2 for t, s in zip(row.translation, row.voxel_size))
         high = tuple(lo + s * n for lo, s, n in zip(low, row.voxel_size, row.shape))
-        raw_group = data / dataset / f"{dataset}.zarr" / raw_path
+        raw_group = settings.dataset_container(data, dataset) / raw_path
         crops.setdefault(row.crop_id, CropTarget(dataset, row.crop_id, raw_group, low, high))
     return [crops[k] for k in sorted(crops)]
 
 
-def output_grid(target: CropTarget, raw_level: ScaleLevel) -> tuple[np.ndarray, np.ndarray]:
-    """First raw-grid index and voxel count per axis of the raw voxels centred in the crop box."""
-    start = np.array([math.ceil((lo - t) / s - 1e-6) for lo, t, s in zip(target.box_low, raw_level.translation, raw_level.scale)])
-    stop = np.array([math.ceil((hi - t) / s - 1e-6) for hi, t, s in zip(target.box_high, raw_level.translation, raw_level.scale)])
+def output_grid(box_low, box_high, raw_level: ScaleLevel) -> tuple[np.ndarray, np.ndarray]:
+    """First raw-grid index and voxel count per axis of the raw voxels centred in a box (nm)."""
+    start = np.array([math.ceil((lo - t) / s - 1e-6) for lo, t, s in zip(box_low, raw_level.translation, raw_level.scale)])
+    stop = np.array([math.ceil((hi - t) / s - 1e-6) for hi, t, s in zip(box_high, raw_level.translation, raw_level.scale)])
     return start, np.maximum(stop - start, 1)
 
 
@@ -133,6 +134,78 @@ def tile_starts(extent: int, tile: int) -> list[int]:
     return list(range(0, extent, tile))
 
 
+@dataclass
+class Predictor:
+    """A checkpoint loaded into its experiment's model, ready to predict tiles.
+
+    Shared by crop prediction and the blockwise whole-volume driver (volume.py), so both
+    put the same tiles through the same network in the same way."""
+
+    experiment: Any
+    model: Any
+    device: Any
+    checkpoint: Path
+    checkpoint_sha256: str
+
+    @property
+    def config(self):
+        return self.experiment.train
+
+    def tile_shapes(self, grid_shape, max_input: int | None = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(input, output) tile shape: the training input by default, or grown up to ``max_input``."""
+        from cellmap_repro.model import output_size_for
+
+        config = self.config
+        context = np.array(config.input_array_info.shape) - np.array(config.target_array_info.shape)
+        # By default a tile is the training input: a per-patch normalisation (setup_04_all's
+        # min-max) then sees windows of the size it was trained on.
+        needed = np.asarray(config.target_array_info.shape) if max_input is None else np.minimum(grid_shape, max(1, max_input - int(context.max())))
+        return output_size_for(config.input_array_info.shape, config.target_array_info.shape, self.experiment.input_step(), needed)
+
+    def batch_size(self, requested: int | None = None) -> int:
+        return requested or (self.config.batch_size if self.device.type == "cuda" else 1)
+
+    def tile_logits(self, raw, grid_start, tiles, in_shape, out_shape, batch_size) -> Iterator[tuple[list, np.ndarray]]:
+        """Per batch of ``tiles`` (output-grid starts), the tiles and their logits (batch, classes, *out_shape)."""
+        import torch
+
+        context_low = (np.array(in_shape) - np.array(out_shape)) // 2
+        for first in range(0, len(tiles), batch_size):
+            batch = tiles[first : first + batch_size]
+            inputs = torch.stack([tile_input(raw, grid_start + np.array(tile) - context_low, in_shape, self.config.val_raw_value_transforms) for tile in batch])
+            with torch.no_grad():
+                yield batch, self.model(inputs.to(self.device)).cpu().numpy()
+
+
+def load_predictor(experiment_name: str, experiments_root=None, which_checkpoint: str | None = None, threads: int | None = None) -> Predictor:
+    """Build the experiment's model as training built it and load a checkpoint into it.
+
+    CPU results depend on the thread count: ``threads``, else ``$CELLMAP_REPRO_THREADS``,
+    else torch's default."""
+    import os
+
+    import torch
+
+    from cellmap_repro import determinism
+    from cellmap_repro.experiment import load_experiment
+
+    # Resolved before the model config is loaded: loading builds the model, which may download weights.
+    process_only = load_experiment(experiment_name, experiments_root, parts=("process_config",))
+    ckpt_path = checkpoint.resolve(process_only.checkpoints_dir, which_checkpoint or process_only.process.checkpoint)
+    state, ckpt_digest = checkpoint.read(ckpt_path)
+    # Built as training built it: seeded with the run's seed before model.py runs.
+    experiment = load_experiment(experiment_name, experiments_root, parts=("train_config",), seed=state["seed"])
+    config = experiment.train
+    model = config.model
+    checkpoint.load_into(model, state, ckpt_path, checkpoint.identity(model, config.classes))
+    device = determinism.device()
+    model.to(device).eval()
+    threads = threads or int(os.environ.get("CELLMAP_REPRO_THREADS") or 0) or torch.get_num_threads()
+    determinism.configure(state["seed"], threads, config.deterministic, config.allow_tf32)
+    # (input and output voxel sizes are equal: checked when the experiment is loaded)
+    return Predictor(experiment, model, device, ckpt_path, ckpt_digest)
+
+
 def predict(
     experiment_name: str,
     experiments_root=None,
@@ -145,45 +218,24 @@ def predict(
     progress: bool = True,
     batch_size: int | None = None,
 ) -> Path:
-    from cellmap_repro.experiment import load_experiment
-
     data = settings.data_root(data_root)
     out_root = settings.predictions_root(data, experiment_name)
-    # Resolved before the model config is loaded: loading builds the model, which may download weights.
-    process_only = load_experiment(experiment_name, experiments_root, parts=("process_config",))
-    ckpt_path = checkpoint.resolve(process_only.checkpoints_dir, which_checkpoint or process_only.process.checkpoint)
     with exclusive(out_root / LOCK_NAME, f"the predictions of {experiment_name} ({out_root})"):
-        return _predict(experiment_name, experiments_root, data, out_root, ckpt_path, crops, test_manifest, max_input, overwrite, progress, batch_size)
+        return _predict(load_predictor(experiment_name, experiments_root, which_checkpoint), data, out_root, crops, test_manifest, max_input, overwrite, progress, batch_size)
 
 
-def _predict(experiment_name, experiments_root, data, out_root, ckpt_path, crops, test_manifest, max_input, overwrite, progress, batch_size) -> Path:
-    import torch
+def _predict(predictor: Predictor, data: Path, out_root: Path, crops, test_manifest, max_input, overwrite, progress, batch_size) -> Path:
     import zarr
 
-    from cellmap_repro import determinism
     from cellmap_repro.datasplit import read_datasplit
-    from cellmap_repro.experiment import load_experiment
-    from cellmap_repro.model import output_size_for
 
-    state, ckpt_digest = checkpoint.read(ckpt_path)
-    # Built as training built it: seeded with the run's seed before model.py runs.
-    experiment = load_experiment(experiment_name, experiments_root, parts=("train_config",), seed=state["seed"])
-    config = experiment.train
-    model = config.model
-    checkpoint.load_into(model, state, ckpt_path, checkpoint.identity(model, config.classes))
-    device = determinism.device()
-    model.to(device).eval()
-    determinism.configure(state["seed"], torch.get_num_threads(), config.deterministic, config.allow_tf32)
-
-    # (input and output voxel sizes are equal: checked when the experiment is loaded)
+    config = predictor.config
     in_scale, out_scale = config.input_array_info.scale, config.target_array_info.scale
     if test_manifest is not None:
         targets = targets_from_manifest(Path(test_manifest), data)
     else:
-        targets = targets_from_datasplit(read_datasplit(experiment.datasplit_path), crops)
+        targets = targets_from_datasplit(read_datasplit(predictor.experiment.datasplit_path), crops)
 
-    step = experiment.input_step()
-    context = np.array(config.input_array_info.shape) - np.array(config.target_array_info.shape)
     for target in targets:
         where = f"raw of {target.dataset} crop {target.crop_id}"
         if not target.raw_group.exists():
@@ -191,31 +243,28 @@ def _predict(experiment_name, experiments_root, data, out_root, ckpt_path, crops
         raw_level = find_level(read_levels(target.raw_group, where=where), in_scale, where)
         check_array(target.raw_group, raw_level)
         raw = zarr.open_array(str(target.raw_group / raw_level.path), mode="r")
-        grid_start, grid_shape = output_grid(target, raw_level)
-        # By default a tile is the training input: a per-patch normalisation (setup_04_all's
-        # min-max) then sees windows of the size it was trained on.
-        needed = np.asarray(config.target_array_info.shape) if max_input is None else np.minimum(grid_shape, max(1, max_input - int(context.max())))
-        in_shape, out_shape = output_size_for(config.input_array_info.shape, config.target_array_info.shape, step, needed)
+        grid_start, grid_shape = output_grid(target.box_low, target.box_high, raw_level)
+        in_shape, out_shape = predictor.tile_shapes(grid_shape, max_input)
         require_tiles_fetched(target.raw_group / raw_level.path, grid_start, grid_shape, in_shape, out_shape, raw_level.scale, target.crop_id, where)
         crop_dir = out_root / f"{target.dataset}.zarr" / f"crop{target.crop_id}"
         translation = tuple(t + s * k for t, s, k in zip(raw_level.translation, raw_level.scale, grid_start))
         level = ScaleLevel("s0", tuple(out_scale), translation)
-        record = {"checkpoint": str(ckpt_path), "checkpoint_sha256": ckpt_digest, "grid_start": grid_start.tolist(), "shape": grid_shape.tolist(), "tile": list(out_shape), "classes": list(config.classes)}
+        record = {"checkpoint": str(predictor.checkpoint), "checkpoint_sha256": predictor.checkpoint_sha256, "grid_start": grid_start.tolist(), "shape": grid_shape.tolist(), "tile": list(out_shape), "classes": list(config.classes)}
         if crop_dir.exists() and not overwrite:
             done = zarr.open_group(str(crop_dir), mode="r").attrs.get(ATTRS_KEY, {})
-            if done.get("checkpoint_sha256") == ckpt_digest and done.get("shape") == record["shape"]:
+            if done.get("checkpoint_sha256") == predictor.checkpoint_sha256 and done.get("shape") == record["shape"]:
                 print(f"crop{target.crop_id}: up to date, skipped ({crop_dir})")
                 continue
         with writing(crop_dir):
-            _predict_crop(model, config, raw, crop_dir, grid_start, grid_shape, in_shape, out_shape, level, record, progress, f"predict crop{target.crop_id}", device, batch_size or (config.batch_size if device.type == "cuda" else 1))
+            _predict_crop(predictor, raw, crop_dir, grid_start, grid_shape, in_shape, out_shape, level, record, progress, f"predict crop{target.crop_id}", predictor.batch_size(batch_size))
     return out_root
 
 
-def _predict_crop(model, config, raw, crop_dir: Path, grid_start, grid_shape, in_shape, out_shape, level, record, progress, desc, device, batch_size):
-    import torch
+def _predict_crop(predictor, raw, crop_dir: Path, grid_start, grid_shape, in_shape, out_shape, level, record, progress, desc, batch_size):
     import zarr
     from tqdm import tqdm
 
+    classes = predictor.config.classes
     (crop_dir.parent).mkdir(parents=True, exist_ok=True)
     zarr.open_group(str(crop_dir.parent), mode="a")  # the <dataset>.zarr container
     partial = crop_dir.with_name(crop_dir.name + PARTIAL_SUFFIX)
@@ -233,23 +282,18 @@ def _predict_crop(model, config, raw, crop_dir: Path, grid_start, grid_shape, in
     group = zarr.open_group(str(partial), mode="a")
     arrays = {}
     chunks = tuple(int(min(64, s)) for s in grid_shape)
-    for class_name in config.classes:
+    for class_name in classes:
         sub = group.require_group(class_name)
         sub.attrs.update(multiscale_attrs([level], name=class_name))
         arrays[class_name] = sub.require_dataset("s0", shape=tuple(int(s) for s in grid_shape), chunks=chunks, dtype="f4", fill_value=0.0, dimension_separator="/")
-    context_low = (np.array(in_shape) - np.array(out_shape)) // 2
     tiles = [(z, y, x) for z in tile_starts(grid_shape[0], out_shape[0]) for y in tile_starts(grid_shape[1], out_shape[1]) for x in tile_starts(grid_shape[2], out_shape[2])]
     pending = [tile for tile in tiles if tile not in finished]
     with tqdm(total=len(tiles), initial=len(finished), desc=desc, unit="tile", disable=not progress) as bar:
-        for first in range(0, len(pending), batch_size):
-            batch = pending[first : first + batch_size]
-            inputs = torch.stack([tile_input(raw, grid_start + np.array(tile) - context_low, in_shape, config.val_raw_value_transforms) for tile in batch])
-            with torch.no_grad():
-                logits = model(inputs.to(device)).cpu().numpy()
+        for batch, logits in predictor.tile_logits(raw, grid_start, pending, in_shape, out_shape, batch_size):
             for tile, tile_logits in zip(batch, logits):
                 write = np.minimum(np.array(out_shape), grid_shape - np.array(tile))
                 region = tuple(slice(t, t + w) for t, w in zip(tile, write))
-                for channel, class_name in enumerate(config.classes):
+                for channel, class_name in enumerate(classes):
                     arrays[class_name][region] = tile_logits[channel][tuple(slice(0, w) for w in write)]
                 finished.add(tile)
             atomic_write_json(progress_file, {"record": record, "finished": sorted(finished)})
@@ -262,6 +306,17 @@ def _predict_crop(model, config, raw, crop_dir: Path, grid_start, grid_shape, in
 
 
 def run(args: argparse.Namespace) -> int:
+    from cellmap_repro import volume
+
+    if volume.volume_requested(args):
+        if args.crops != "validate" or args.test_manifest or args.max_input:
+            raise ReproError("--roi/--dataset predict a region; they cannot be combined with --crops, --test-manifest or --max-input")
+        out = volume.predict_volume(
+            args.experiment, args.experiments_root, args.data, args.checkpoint, args.roi, args.dataset, args.raw_path,
+            args.workers, args.threads, args.block_tiles, args.batch_size, volume.launcher_words(args.launcher), args.overwrite,
+        )
+        print(f"predictions: {out}")
+        return 0
     out = predict(
         args.experiment,
         args.experiments_root,
@@ -287,4 +342,7 @@ def register(subparsers) -> None:
     parser.add_argument("--max-input", type=settings.number_flag(1), default=None, help="grow tiles up to this input edge in voxels (fewer, larger tiles: faster, but a per-patch normalisation then sees larger windows than in training; default: tiles of the training input size)")
     parser.add_argument("--batch-size", type=settings.number_flag(1), default=None, help="tiles per forward pass (default: the experiment's batch_size on a GPU, 1 on the CPU)")
     parser.add_argument("--overwrite", action="store_true", help="predict again even where up-to-date output exists")
+    from cellmap_repro.volume import add_region_arguments
+
+    add_region_arguments(parser, predicting=True)
     parser.set_defaults(func=run)

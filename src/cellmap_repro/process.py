@@ -41,13 +41,31 @@ def class_threshold(config, class_name: str) -> float:
     return float(config.threshold)
 
 
+def instance_class_names(experiment) -> set[str]:
+    """The classes labelled as instances: process_config's ``instance_classes``, else the class table's."""
+    config = experiment.process
+    if config.instance_classes is not None:
+        return set(check_classes(config.instance_classes, f"{experiment.directory / 'process_config.py'}: instance_classes"))
+    return {c.name for c in class_table().values() if c.instance}
+
+
+def chosen_classes(config, predicted: list[str], where) -> list[str]:
+    """process_config's ``classes`` (each must be predicted), else every predicted class."""
+    if config.classes is None:
+        return sorted(predicted)
+    missing = [c for c in config.classes if c not in predicted]
+    if missing:
+        raise ReproError(f"{where}: no prediction for class(es) {', '.join(missing)} named in process_config.classes")
+    return list(config.classes)
+
+
 def process(experiment_name: str, experiments_root=None, data_root=None, overwrite: bool = False, progress: bool = True) -> Path:
     from cellmap_repro.experiment import load_experiment
 
     data = settings.data_root(data_root)
     experiment = load_experiment(experiment_name, experiments_root, parts=("process_config",))
     config = experiment.process
-    instance_names = set(check_classes(config.instance_classes, f"{experiment.directory / 'process_config.py'}: instance_classes")) if config.instance_classes is not None else {c.name for c in class_table().values() if c.instance}
+    instance_names = instance_class_names(experiment)
     source_root = settings.predictions_root(data, experiment_name)
     out_root = settings.processed_root(data, experiment_name)
     crops = sorted(p for p in source_root.glob("*.zarr/crop*") if p.is_dir() and not p.name.endswith((".partial", ".old")))
@@ -65,12 +83,7 @@ def _process_crops(crops: list[Path], config, instance_names: set[str], out_root
     for crop in crops:
         source = zarr.open_group(str(crop), mode="r")
         record = dict(source.attrs.get(ATTRS_KEY, {}))
-        classes = sorted(source.group_keys())
-        if config.classes is not None:
-            missing = [c for c in config.classes if c not in classes]
-            if missing:
-                raise ReproError(f"{crop}: no prediction for class(es) {', '.join(missing)} named in process_config.classes")
-            classes = list(config.classes)
+        classes = chosen_classes(config, list(source.group_keys()), crop)
         target = out_root / crop.parent.name / crop.name
         wanted = {"source": record, "threshold": {c: class_threshold(config, c) for c in classes}, "connectivity": config.connectivity, "min_instance_size": config.min_instance_size}
         if target.exists() and not overwrite and zarr.open_group(str(target), mode="r").attrs.get(ATTRS_KEY) == wanted:
@@ -91,6 +104,12 @@ def _process_crops(crops: list[Path], config, instance_names: set[str], out_root
 
 
 def run(args: argparse.Namespace) -> int:
+    from cellmap_repro import volume
+
+    if volume.volume_requested(args):
+        out = volume.process_volume(args.experiment, args.experiments_root, args.data, args.roi, args.dataset, args.workers, volume.launcher_words(args.launcher), args.overwrite)
+        print(f"processed: {out}")
+        return 0
     out = process(args.experiment, args.experiments_root, args.data, args.overwrite)
     print(f"processed: {out}")
     return 0
@@ -101,4 +120,7 @@ def register(subparsers) -> None:
     settings.add_experiment_argument(parser)
     settings.add_data_argument(parser)
     parser.add_argument("--overwrite", action="store_true", help="process again even where up-to-date output exists")
+    from cellmap_repro.volume import add_region_arguments
+
+    add_region_arguments(parser, predicting=False)
     parser.set_defaults(func=run)

@@ -50,6 +50,16 @@ def processed_root(data: Path, experiment: str) -> Path:
     return data / "processed" / experiment
 
 
+def dataset_container(data: Path, dataset: str) -> Path:
+    """A dataset's zarr container in the data root layout: ``<data>/<dataset>/<dataset>.zarr``."""
+    return data / dataset / f"{dataset}.zarr"
+
+
+def volume_dir(stage_root: Path, dataset: str, roi_name: str) -> Path:
+    """A whole-volume (blockwise) output beside the crops: ``<stage root>/<dataset>.zarr/<roi name>``."""
+    return stage_root / f"{dataset}.zarr" / roi_name
+
+
 def resolve(path: str | os.PathLike) -> Path:
     """A path from a config or datasplit file, relative to the working directory."""
     return Path(path).expanduser().absolute()
