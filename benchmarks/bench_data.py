@@ -59,8 +59,9 @@ def child(source: Path, data: Path, work: Path, threads: int) -> None:
     sys.path.insert(0, str(source / "src"))
     import torch
 
+    # Only torch's threads: cellmap-data's reader pool keeps its default size, since at
+    # 604a76f a pool of one (CELLMAP_MAX_WORKERS=1) deadlocks on its nested reads.
     torch.set_num_threads(threads)
-    os.environ["CELLMAP_MAX_WORKERS"] = str(threads)
     from cellmap_repro import data as data_module
     from cellmap_repro import tiny_crop
     from cellmap_repro.datasplit import write_datasplit

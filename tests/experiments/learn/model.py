@@ -2,7 +2,7 @@
 
 The test copies setup_04_all's data.py beside this file, so what is tested is the
 baseline's data path (classes, augmentation, per-patch normalisation, masking) with a
-network that learns on a CPU in about a minute. A per-patch min-max normalisation makes
+network that learns on a CPU in two or three minutes. A per-patch min-max normalisation makes
 an intensity meaningful only relative to the rest of the window, so besides local 8 nm
 features the network sees the window's context at 32 nm; and it spreads the [0, 1] input
 to unit scale first, without which the few hundred steps of the test do not find the

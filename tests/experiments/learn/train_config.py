@@ -3,7 +3,7 @@ import torch
 from .model import model
 
 learning_rate = 1e-2
-batch_size = 4
+batch_size = 2
 epochs = 1
 iterations_per_epoch = 150
 validation_batches = 0
