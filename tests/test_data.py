@@ -165,3 +165,27 @@ def test_a_frozen_backbone_records_no_autograd_graph():
         head(features).sum().backward()
     assert with_backbone == saved and saved, "the frozen backbone must add nothing to the graph"
     assert all(p.grad is None for p in backbone.parameters())
+
+
+@pytest.mark.parametrize("case", ["finite", "nan", "inf", "constant"])
+def test_min_max_normalize_is_the_baselines_normalize(case):
+    """Per-patch min-max as the baseline's Normalize computed it: min and max of the patch
+    with NaN as 0 (and inf clipped), NaN kept, a constant patch unchanged."""
+    import torch
+
+    from cellmap_repro.transforms import MinMaxNormalize
+
+    patch = torch.rand(9, 10, 11, generator=torch.Generator().manual_seed(3)) * 0.6 + 0.2
+    if case == "nan":
+        patch[1, 2, 3] = float("nan")
+    if case == "inf":
+        patch[4, 5, 6] = float("inf")
+    if case == "constant":
+        patch = torch.full((4, 4, 4), 0.3)
+    finite = patch.nan_to_num()
+    spread = finite.max() - finite.min()
+    expected = patch if spread == 0 else (patch - finite.min()) / spread
+    result = MinMaxNormalize()(patch)
+    assert torch.equal(result.nan_to_num(nan=-7.0), expected.nan_to_num(nan=-7.0))
+    if case == "finite":
+        assert result.min() == 0.0 and result.max() == 1.0

@@ -20,9 +20,14 @@ class MinMaxNormalize(T.Transform):
     """
 
     def transform(self, inpt: Any, params: dict | None = None) -> Any:
-        finite = inpt.nan_to_num()
-        low = finite.min()
-        spread = finite.max() - low
+        import torch
+
+        # One pass over the patch where it is all finite (the usual case); the same values
+        # as taking min and max of the NaN/inf-free copy, which only a non-finite patch needs.
+        low, high = torch.aminmax(inpt)
+        if not (torch.isfinite(low) and torch.isfinite(high)):
+            low, high = torch.aminmax(inpt.nan_to_num())
+        spread = high - low
         if spread == 0:
             return inpt
-        return (inpt - low) / spread
+        return torch.sub(inpt, low).div_(spread)
