@@ -173,7 +173,7 @@ def data_only(args, workers: int) -> dict:
 
             classes = load_experiment(args.experiment, scratch, parts=("data",)).classes
             write_datasplit(target / "datasplit.csv", tiny_crop.datasplit_rows(Path(os.environ["CELLMAP_REPRO_DATA"]) / tiny_crop.DATASET / f"{tiny_crop.DATASET}.zarr", classes))
-        training = data_module.build(load_experiment(args.experiment, scratch, parts=("data",)))
+        training = data_module.build(load_experiment(args.experiment, scratch))
         per_run = (args.iterations + 1) * args.batch_size
         samples = data_module.RunSamples(training.train, 0, per_run, per_run, training.crop_weights())
         sampler = Sampler()
