@@ -167,6 +167,31 @@ def test_a_frozen_backbone_records_no_autograd_graph():
     assert all(p.grad is None for p in backbone.parameters())
 
 
+def test_a_frozen_backbone_runs_sample_by_sample_under_its_own_names():
+    """The batch is split before the frozen module (activation memory of one sample), the
+    result is the whole batch's, parameter names are unchanged (checkpoints, weights), and
+    a deep copy runs its own parameters."""
+    import copy
+
+    from cellmap_repro.model import frozen
+
+    plain = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3), torch.nn.ReLU(), torch.nn.Conv3d(4, 2, 1))
+    names = [name for name, _ in plain.named_parameters()]
+    inputs = torch.rand(3, 1, 8, 8, 8)
+    expected = plain(inputs)
+    backbone = frozen(plain)
+    seen = []
+    backbone[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+    assert torch.allclose(backbone(inputs), expected, atol=1e-6)
+    assert seen == [1, 1, 1]
+    assert [name for name, _ in backbone.named_parameters()] == names
+    twin = copy.deepcopy(backbone)
+    with torch.no_grad():
+        for parameter in twin.parameters():
+            parameter.zero_()
+    assert torch.count_nonzero(twin(inputs)) == 0 and torch.allclose(backbone(inputs), expected, atol=1e-6)
+
+
 @pytest.mark.parametrize("case", ["finite", "nan", "inf", "constant"])
 def test_min_max_normalize_is_the_baselines_normalize(case):
     """Per-patch min-max as the baseline's Normalize computed it: min and max of the patch

@@ -180,7 +180,7 @@ def test_fetched_data_is_trainable_by_the_pipeline(s3, tmp_path):
     classes = load_experiment("fast", root, parts=("data",)).classes
     write_datasplit(root / "fast" / "datasplit.csv", make_datasplit(data, classes, validation_prob=0.4, seed=1))
     training = data_module.build(load_experiment("fast", root))
-    sample = training.train[0]
+    sample = training.train.read(0, seed=0)
     assert sample["input"].shape[-3:] == (40, 40, 40) and sample["output"].shape[0] == len(classes)
 
 

@@ -64,6 +64,6 @@ def test_reading_through_cellmap_data_changes_nothing(fast_experiment, tiny_data
     experiment = load_experiment("fast")
     training = data.build(experiment)
     training.class_weights()
-    training.train[0]
-    training.validate[0]
+    training.train.read(0, seed=0)
+    training.validate.read(0, seed=0)
     assert tree_hashes(tiny_dataset) == before

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import csv
 import functools
 import hashlib
@@ -748,12 +749,14 @@ class Transfer:
         for attempt in (1, 2, 3):
             try:
                 with atomic_output_path(local) as tmp:
-                    if key in self.inline:
-                        body, etag = self.inline[key]
-                        tmp.write_bytes(body)
-                        size, md5 = len(body), hashlib.md5(body).hexdigest()
-                    else:
-                        size, md5, etag = self.remote.download(key, tmp, self.stop)
+                    # caught here, before atomic_output_path turns a nameless OSError into its own line
+                    with self._disk_full_names(local, key):
+                        if key in self.inline:
+                            body, etag = self.inline[key]
+                            tmp.write_bytes(body)
+                            size, md5 = len(body), hashlib.md5(body).hexdigest()
+                        else:
+                            size, md5, etag = self.remote.download(key, tmp, self.stop)
                     if _md5_of(etag) and md5 != etag:
                         raise _StreamBroken(f"MD5 {md5} != ETag {etag}")
                 break
@@ -761,11 +764,19 @@ class Transfer:
                 if attempt == 3 or self.stop.is_set():
                     raise ServerLost(f"download of {self.remote.url(key)} failed three times ({problem})") from None
             except OSError as exc:
-                if exc.errno in DISK_FULL:
-                    raise ReproError(f"disk full while writing {local} (from {self.remote.url(key)}); nothing partial was kept, free space") from None
-                raise
+                with self._disk_full_names(local, key):
+                    raise exc
         self.record.add(key, {"size": size, "md5": md5, "etag": etag or md5, "mtime_ns": local.stat().st_mtime_ns})
         return size
+
+    @contextlib.contextmanager
+    def _disk_full_names(self, local: Path, key: str):
+        try:
+            yield
+        except OSError as exc:
+            if exc.errno in DISK_FULL:
+                raise ReproError(f"disk full while writing {local} (from {self.remote.url(key)}); nothing partial was kept, free space") from None
+            raise
 
 
 def describe_context(windows: list[Window], context_nm: float | None) -> tuple[float, list[tuple], str]:

@@ -197,11 +197,33 @@ def load_pretrained(checkpoint: str = DEFAULT_CHECKPOINT, weights_dir: Path | No
     return model.eval()
 
 
-def frozen(module):
-    """``module`` with every parameter frozen (the pretrained backbone)."""
+def frozen(module, samples_at_once: int = 1):
+    """``module`` with every parameter frozen (the pretrained backbone), run
+    ``samples_at_once`` samples at a time.
+
+    Nothing flows back through a frozen module, so its activations are only needed one
+    sample at a time: splitting the batch bounds their memory by the batch size
+    (setup04 at batch 4, 216³, CPU: 8.6 GB peak host RSS at once, 3.7 GB sample by sample)
+    at no cost on a GPU, where one 216³ sample already fills the device.
+    """
+    import types
+
     for parameter in module.parameters():
         parameter.requires_grad_(False)
+    module.samples_at_once = samples_at_once
+    # An instance attribute, so parameter names (checkpoints, weights) stay those of the
+    # module itself; bound with MethodType, so a deepcopy binds it to the copy.
+    module.forward = types.MethodType(_forward_in_parts, module)
     return module
+
+
+def _forward_in_parts(module, inputs, *args, **kwargs):
+    import torch
+
+    whole = type(module).forward
+    if inputs.shape[0] <= module.samples_at_once:
+        return whole(module, inputs, *args, **kwargs)
+    return torch.cat([whole(module, part, *args, **kwargs) for part in inputs.split(module.samples_at_once)])
 
 
 def conv_head(in_channels: int, out_channels: int, hidden_layers: int = 3, width: int | None = None):
