@@ -130,3 +130,40 @@ def test_a_bug_is_one_line_and_the_traceback_is_one_variable_away(monkeypatch, c
     monkeypatch.delenv(cli.TRACEBACK_ENV)
     assert cli.main(["unite-logs"]) == cli.EXIT_USER_ERROR
     assert capsys.readouterr().err == "cellmap-repro: error: bad input\n"
+
+
+def test_flags_reach_the_environment_only_for_the_stage_run(tmp_path, monkeypatch, capsys):
+    """`--data`/`--experiments-root` are published to the stage (and its subprocesses) and
+    taken back afterwards: an in-process call must not steer later ones."""
+    import os
+
+    from cellmap_repro import cli
+
+    monkeypatch.delenv("CELLMAP_REPRO_DATA", raising=False)
+    monkeypatch.setenv("CELLMAP_REPRO_EXPERIMENTS", "/before")
+    seen = {}
+
+    def stage(args):
+        seen.update({k: os.environ.get(k) for k in ("CELLMAP_REPRO_DATA", "CELLMAP_REPRO_EXPERIMENTS")})
+        return 0
+
+    monkeypatch.setattr(cli, "build_parser", _parser_with(stage))
+    assert cli.main(["probe", "--data", str(tmp_path / "d"), "--experiments-root", str(tmp_path / "e")]) == 0
+    assert seen == {"CELLMAP_REPRO_DATA": str(tmp_path / "d"), "CELLMAP_REPRO_EXPERIMENTS": str(tmp_path / "e")}
+    assert "CELLMAP_REPRO_DATA" not in os.environ and os.environ["CELLMAP_REPRO_EXPERIMENTS"] == "/before"
+
+
+def _parser_with(stage):
+    from cellmap_repro import cli
+
+    def build(_verb):
+        parser = cli.Parser(prog="cellmap-repro")
+        parser.add_argument("--verbose", action="store_true")
+        sub = parser.add_subparsers(dest="stage")
+        probe = sub.add_parser("probe")
+        probe.add_argument("--data")
+        probe.add_argument("--experiments-root")
+        probe.set_defaults(func=stage)
+        return parser
+
+    return build

@@ -10,6 +10,7 @@ Anything else is a bug: one line saying so, exit status 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
@@ -101,6 +102,26 @@ def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _flags_published(args):
+    """Flags win over the environment, and later stages (e.g. the experiment's model.py
+    locating the weights cache, subprocesses) read the environment: publish them there for
+    the stage's run, and take them back after it (main also runs in-process, in tests)."""
+    saved = {variable: os.environ.get(variable) for variable in ("CELLMAP_REPRO_DATA", "CELLMAP_REPRO_EXPERIMENTS")}
+    for flag, variable in (("data", "CELLMAP_REPRO_DATA"), ("experiments_root", "CELLMAP_REPRO_EXPERIMENTS")):
+        value = getattr(args, flag, None)
+        if value:
+            os.environ[variable] = os.path.abspath(value)
+    try:
+        yield
+    finally:
+        for variable, value in saved.items():
+            if value is None:
+                os.environ.pop(variable, None)
+            else:
+                os.environ[variable] = value
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(next((word for word in argv if not word.startswith("-")), None))
@@ -110,12 +131,6 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USER_ERROR
-    # Flags win over the environment, and later stages (e.g. the experiment's model.py
-    # locating the weights cache) read the environment, so publish them there.
-    for flag, variable in (("data", "CELLMAP_REPRO_DATA"), ("experiments_root", "CELLMAP_REPRO_EXPERIMENTS")):
-        value = getattr(args, flag, None)
-        if value:
-            os.environ[variable] = os.path.abspath(value)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
@@ -127,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         from cellmap_repro.gpu import require_gpu_if_asked
 
         require_gpu_if_asked(args.stage)
-        result = args.func(args)
+        with _flags_published(args):
+            result = args.func(args)
     except KeyboardInterrupt:
         print("cellmap-repro: interrupted", file=sys.stderr)
         return 130
