@@ -8,6 +8,7 @@ every connection at once, as a server that dies mid-fetch does.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -128,12 +129,11 @@ class Proxy:
 
     def _pump(self, source: socket.socket, sink: socket.socket, delay: float) -> None:
         try:
-            while block := source.recv(65536):
-                sink.sendall(block)
-                if delay:
-                    time.sleep(delay)
-        except OSError:
-            pass
+            with contextlib.suppress(OSError):  # either side closed: this direction ends
+                while block := source.recv(65536):
+                    sink.sendall(block)
+                    if delay:
+                        time.sleep(delay)
         finally:
             for sock in (source, sink):
                 try:
