@@ -111,20 +111,28 @@ def ensure_data(data: Path) -> None:
         tiny_crop.write_tiny_crop(data, seed=0)
 
 
+def scratch_copy(args, scratch: Path) -> None:
+    """The experiment copied into ``scratch``, with a datasplit over the tiny crop unless --real-data."""
+    from cellmap_repro import tiny_crop
+    from cellmap_repro.datasplit import write_datasplit
+    from cellmap_repro.experiment import load_experiment
+
+    target = scratch / args.experiment
+    shutil.copytree(REPO / "experiments" / args.experiment, target, ignore=shutil.ignore_patterns("logs", "checkpoints", "__pycache__"))
+    if args.tiny_crop:
+        classes = load_experiment(args.experiment, scratch, parts=("data",)).classes
+        write_datasplit(target / "datasplit.csv", tiny_crop.datasplit_rows(Path(os.environ["CELLMAP_REPRO_DATA"]) / tiny_crop.DATASET / f"{tiny_crop.DATASET}.zarr", classes))
+
+
 def run_variant(args, workers: int) -> dict:
     import torch
 
-    from cellmap_repro import tiny_crop, train
-    from cellmap_repro.datasplit import write_datasplit
+    from cellmap_repro import train
     from cellmap_repro.experiment import load_experiment
 
     scratch = Path(tempfile.mkdtemp(prefix="bench-train-"))
     try:
-        target = scratch / args.experiment
-        shutil.copytree(REPO / "experiments" / args.experiment, target, ignore=shutil.ignore_patterns("logs", "checkpoints", "__pycache__"))
-        if args.tiny_crop:
-            classes = load_experiment(args.experiment, scratch, parts=("data",)).classes
-            write_datasplit(target / "datasplit.csv", tiny_crop.datasplit_rows(Path(os.environ["CELLMAP_REPRO_DATA"]) / tiny_crop.DATASET / f"{tiny_crop.DATASET}.zarr", classes))
+        scratch_copy(args, scratch)
         overrides = train.Overrides(
             epochs=1, iterations_per_epoch=args.iterations, batch_size=args.batch_size, validation_batches=0,
             num_workers=workers, augment_device=args.augment_device, allow_tf32=False if args.no_tf32 else None,
@@ -165,14 +173,7 @@ def data_only(args, workers: int) -> dict:
 
     scratch = Path(tempfile.mkdtemp(prefix="bench-data-path-"))
     try:
-        target = scratch / args.experiment
-        shutil.copytree(REPO / "experiments" / args.experiment, target, ignore=shutil.ignore_patterns("logs", "checkpoints", "__pycache__"))
-        if args.tiny_crop:
-            from cellmap_repro import tiny_crop
-            from cellmap_repro.datasplit import write_datasplit
-
-            classes = load_experiment(args.experiment, scratch, parts=("data",)).classes
-            write_datasplit(target / "datasplit.csv", tiny_crop.datasplit_rows(Path(os.environ["CELLMAP_REPRO_DATA"]) / tiny_crop.DATASET / f"{tiny_crop.DATASET}.zarr", classes))
+        scratch_copy(args, scratch)
         training = data_module.build(load_experiment(args.experiment, scratch))
         per_run = (args.iterations + 1) * args.batch_size
         samples = data_module.RunSamples(training.train, 0, per_run, per_run, training.crop_weights())
